@@ -135,7 +135,8 @@ def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
     trajs = make_trajectories(chat, rule_book)
     args = train.Args(micro_batch_size=1, lr=1e-2, warmup=0.0)
     accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=args.lr)
+    optimizer = train.make_optimizer(tiny_model, args.lr)
+    assert optimizer.defaults["fused"]  # the fused kernel exists on CPU
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     stats = train.policy_update(args, accelerator, tiny_model, optimizer, scheduler, trajs, torch.tensor([1.0, -1.0]), chat)
