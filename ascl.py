@@ -414,11 +414,22 @@ def rollout(
     return trajs
 
 
+DECODE_CHUNK = 16  # tokens per generate call before finished rows leave the batch
+
+
 @torch.inference_mode()
-def _generate(model, chat, contexts, max_new_tokens, max_total_tokens, do_sample, temperature, top_p, batch_size):
-    """One turn for each context: the new ids, cut after the first end-of-turn token."""
+def _generate(model, chat, contexts, max_new_tokens, max_total_tokens, do_sample, temperature, top_p, batch_size,
+              chunk=None):
+    """One turn for each context: the new ids, cut after the first end-of-turn token.
+
+    HF generate decodes every row of a batch until its last row ends, so a batch with
+    turns of 5 and 60 tokens pays 2 x 60 row-steps. Here generate runs `chunk` tokens
+    at a time and continues from its own KV cache; between calls the rows that have
+    ended leave the batch (cache rows included), so finished rows stop costing compute.
+    """
     from transformers import GenerationConfig
 
+    chunk = chunk or DECODE_CHUNK
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -431,24 +442,40 @@ def _generate(model, chat, contexts, max_new_tokens, max_total_tokens, do_sample
         budget = min(max_new_tokens, max_total_tokens - longest)
         if budget <= 0:
             continue  # no room for even one token: left empty, flagged truncated by the caller
-        input_ids = torch.full((len(idx), longest), chat.pad_id, dtype=torch.long)
+        seqs = torch.full((len(idx), longest), chat.pad_id, dtype=torch.long)
         attention = torch.zeros((len(idx), longest), dtype=torch.long)
         for row, i in enumerate(idx):  # left padding, mask built from lengths
             n = len(contexts[i])
-            input_ids[row, longest - n:] = torch.tensor(contexts[i])
+            seqs[row, longest - n:] = torch.tensor(contexts[i])
             attention[row, longest - n:] = 1
-        config = GenerationConfig(
-            max_new_tokens=budget, do_sample=do_sample, temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
-            eos_token_id=chat.end_of_turn_id, pad_token_id=chat.pad_id,
-        )
-        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                              generation_config=config)
-        for row, i in enumerate(idx):
-            gen = seqs[row, longest:].tolist()
-            if chat.end_of_turn_id in gen:  # the turn ends at the first end-of-turn; the rest is padding
-                gen = gen[: gen.index(chat.end_of_turn_id) + 1]
-            out[i] = gen
+        seqs, attention, cache, written = seqs.to(device), attention.to(device), None, 0
+        while idx:
+            step = min(chunk, budget - written)
+            config = GenerationConfig(
+                max_new_tokens=step, do_sample=do_sample, temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
+                eos_token_id=chat.end_of_turn_id, pad_token_id=chat.pad_id, return_dict_in_generate=True,
+            )
+            res = model.generate(input_ids=seqs, attention_mask=attention, past_key_values=cache,
+                                 generation_config=config)
+            new = res.sequences.shape[1] - seqs.shape[1]
+            seqs, cache, written = res.sequences, res.past_key_values, written + new
+            attention = torch.cat([attention, attention.new_ones((len(idx), new))], 1)
+            ended = (seqs[:, seqs.shape[1] - new:] == chat.end_of_turn_id).any(1).tolist()
+            keep = []
+            for row, i in enumerate(idx):
+                if ended[row] or written >= budget:
+                    gen = seqs[row, longest:].tolist()
+                    if chat.end_of_turn_id in gen:  # the turn ends at the first end-of-turn; the rest is padding
+                        gen = gen[: gen.index(chat.end_of_turn_id) + 1]
+                    out[i] = gen
+                else:
+                    keep.append(row)
+            if len(keep) < len(idx) and keep:  # finished rows leave the batch and the cache
+                rows = torch.tensor(keep, device=device)
+                seqs, attention = seqs[rows], attention[rows]
+                cache.batch_select_indices(rows)
+            idx = [idx[row] for row in keep]
     model.train(was_training)
     return out
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ascl
+from conftest import make_tiny_model
 from ascl import ChatFormat, OfflineJudge, Trajectory, Verdict, parse_guard_output, parse_tool_calls, reward
 
 CATEGORIES = [
@@ -227,6 +228,9 @@ def test_rollout_with_a_real_model_left_pads_correctly_and_trains_the_eos(tokeni
     alone = [ascl.rollout(tiny_model, chat, rule_book, [p], ["benign"], max_new_tokens=12, do_sample=False)[0]
              for p in prompts]
     assert [t.input_ids for t in batched[::2]] == [t.input_ids for t in alone]
+    one_by_one = ascl.rollout(tiny_model, chat, rule_book, prompts, ["benign"] * 2, group_size=2,
+                              max_new_tokens=12, do_sample=False, batch_size=1)  # train.py --rollout_batch_size
+    assert [t.input_ids for t in one_by_one] == [t.input_ids for t in batched]
     for t in batched:
         n_prompt = len(chat.prompt_ids(t.prompt))
         assert t.input_ids[:n_prompt] == chat.prompt_ids(t.prompt) and not any(t.action_mask[:n_prompt])
@@ -235,6 +239,30 @@ def test_rollout_with_a_real_model_left_pads_correctly_and_trains_the_eos(tokeni
         assert 0 < len(gen) <= 12
         assert eot not in gen[:-1]  # generation stops at the first end of turn
         assert t.truncated == (gen[-1] != eot)
+
+
+def test_chunked_decoding_drops_finished_rows_and_changes_no_token(tokenizer):
+    """_generate decodes `chunk` tokens per generate call and drops rows that ended: greedy output
+    equals one unchunked call and each context generated alone, while the batch shrinks."""
+    chat = ChatFormat(tokenizer)
+    model = make_tiny_model(len(tokenizer))
+    rows_seen = []
+
+    def end_on_positions(module, args, kwargs, out):  # end of turn at every 13th position: rows end at different times
+        rows_seen.append(kwargs["input_ids"].shape[0])
+        out.logits[:, -1, chat.end_of_turn_id] += 100.0 * (kwargs["position_ids"][:, -1] % 13 == 0)
+        return out
+
+    model.register_forward_hook(end_on_positions, with_kwargs=True)
+    contexts = [chat.prompt_ids(p) for p in ["Hi", "Tell me about locks", "What is 2+2?", "Write a poem", "x" * 30, "Why?"]]
+    gen = lambda ctx, chunk: ascl._generate(model, chat, ctx, 20, 4096, False, 1.0, 1.0, None, chunk=chunk)  # noqa: E731
+    chunked = gen(contexts, 3)
+    assert len({len(g) for g in chunked}) > 2 and all(g[-1] == chat.end_of_turn_id for g in chunked)
+    assert min(rows_seen) < len(contexts)  # finished rows left the batch
+    rows_seen.clear()
+    assert chunked == gen(contexts, 100)
+    assert min(rows_seen) == len(contexts)  # one call: generate keeps every row to the end
+    assert chunked == [gen([c], 100)[0] for c in contexts]
 
 
 # ----------------------------------------------------------------------------- reward (Eq. 1)
