@@ -69,6 +69,7 @@ class Args:
     max_new_tokens: int = field(default=96, metadata={"help": "per model turn"})
     max_tool_calls: int = 2
     max_total_tokens: int = 1024
+    rollout_batch_size: int | None = field(default=None, metadata={"help": "rollouts per generate batch (bounds the KV cache); default: all of a step"})
     temperature: float = 1.0
     epochs: float = 2.0
     max_steps: int = field(default=4, metadata={"help": "cap on RL steps; 0 = run --epochs"})
@@ -396,7 +397,7 @@ def rl_step(args, accelerator, model, optimizer, scheduler, chat, rule_book, jud
     trajs = ascl.rollout(accelerator.unwrap_model(model), chat, rule_book, [r["prompt"] for r in batch],
                          [r["label"] for r in batch], group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                          max_tool_calls=args.max_tool_calls, max_total_tokens=args.max_total_tokens,
-                         temperature=args.temperature)
+                         temperature=args.temperature, batch_size=args.rollout_batch_size)
     t1 = time.perf_counter()
     verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
     rewards = [ascl.reward(t.label, t, v) for t, v in zip(trajs, verdicts)]
@@ -485,7 +486,7 @@ def collect(args: Args, model, chat, rule_book):
             trajs = ascl.rollout(model, chat, rule_book, [r["prompt"] for r in batch], [r["label"] for r in batch],
                                  group_size=args.collect_samples, max_new_tokens=args.max_new_tokens,
                                  max_tool_calls=args.max_tool_calls, max_total_tokens=args.max_total_tokens,
-                                 temperature=args.temperature)
+                                 temperature=args.temperature, batch_size=args.rollout_batch_size)
             verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
             for t, v in zip(trajs, verdicts):
                 if ascl.reward(t.label, t, v).total >= 1.5:  # the best reward a prompt can earn
