@@ -343,6 +343,10 @@ class Trajectory:
         return msgs
 
 
+DECODE_CHUNK = 16  # tokens per generate call before finished rows leave the batch
+REUSE_KV = True  # a turn after a tool call continues from the KV cache of the conversation so far
+
+
 def rollout(
     model,
     chat: ChatFormat,
@@ -375,14 +379,17 @@ def rollout(
             raise ValueError(f"prompt is {len(ids)} tokens, over max_total_tokens={max_total_tokens}: {p[:80]!r}")
         trajs += [Trajectory(p, y, list(ids), [0] * len(ids)) for _ in range(group_size)]
 
-    active = list(range(len(trajs)))
+    active, prefix = list(range(len(trajs))), {}  # prefix: rollout -> KV cache of its conversation so far
     for round_ in range(max_tool_calls + 1):
         if not active:
             break
+        kv: dict[int, list] = {}
         new_ids = _generate(model, chat, [trajs[i].input_ids for i in active], max_new_tokens,
-                            max_total_tokens, do_sample, temperature, top_p, batch_size)
+                            max_total_tokens, do_sample, temperature, top_p, batch_size,
+                            prefixes=[prefix.pop(i, None) for i in active], kv_out=kv if REUSE_KV else None,
+                            wants_kv=lambda gen: round_ < max_tool_calls and "<tool_call>" in chat.tokenizer.decode(gen))
         still_going = []
-        for i, gen in zip(active, new_ids):
+        for j, (i, gen) in enumerate(zip(active, new_ids)):
             t = trajs[i]
             ended = bool(gen) and gen[-1] == chat.end_of_turn_id
             t.input_ids += gen
@@ -410,26 +417,37 @@ def rollout(
             t.input_ids += glue
             t.action_mask += [0] * len(glue)
             still_going.append(i)
+            if j in kv:  # the next turn only prefills the tool turn, not the whole conversation again
+                prefix[i] = kv.pop(j)
         active = still_going
     return trajs
 
 
-DECODE_CHUNK = 16  # tokens per generate call before finished rows leave the batch
-
-
 @torch.inference_mode()
 def _generate(model, chat, contexts, max_new_tokens, max_total_tokens, do_sample, temperature, top_p, batch_size,
-              chunk=None):
+              chunk=None, prefixes=None, kv_out=None, wants_kv=None):
     """One turn for each context: the new ids, cut after the first end-of-turn token.
 
-    HF generate decodes every row of a batch until its last row ends, so a batch with
-    turns of 5 and 60 tokens pays 2 x 60 row-steps. Here generate runs `chunk` tokens
-    at a time and continues from its own KV cache; between calls the rows that have
-    ended leave the batch (cache rows included), so finished rows stop costing compute.
+    Two things keep this close to one plain `generate` over the same tokens:
+    - Finished rows leave the batch. One generate call decodes every row until its last
+      row ends (turns of 5 and 60 tokens cost 2 x 60 row-steps), so generate runs `chunk`
+      tokens at a time, continuing from its own KV cache, and rows that ended are dropped
+      (cache rows included) between calls.
+    - No second prefill of a conversation. prefixes[i], if given, is the KV cache of
+      contexts[i]'s first tokens (from an earlier call, per layer (keys, values), each
+      (heads, length, head_dim)); only the rest of the context is prefilled. Rows are laid
+      out as [pad | cached prefix | pad | new context] with the pads masked out: positions
+      follow the attention mask, so holes change nothing. If kv_out is a dict, the cache of
+      every row that ended its turn and for which wants_kv(new ids) is true is stored in
+      kv_out[i], covering contexts[i] + new ids except the last (the end-of-turn token).
+    Models whose cache is not a plain per-layer KV list (sliding windows, linear attention)
+    get no prefix reuse: their contexts are prefilled whole.
     """
-    from transformers import GenerationConfig
+    from transformers import DynamicCache, GenerationConfig
+    from transformers.cache_utils import DynamicLayer
 
     chunk = chunk or DECODE_CHUNK
+    prefixes = prefixes or [None] * len(contexts)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -438,17 +456,32 @@ def _generate(model, chat, contexts, max_new_tokens, max_total_tokens, do_sample
     out: list[list[int]] = [[] for _ in contexts]
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        longest = max(len(contexts[i]) for i in idx)
-        budget = min(max_new_tokens, max_total_tokens - longest)
+        budget = min(max_new_tokens, max_total_tokens - max(len(contexts[i]) for i in idx))
         if budget <= 0:
             continue  # no room for even one token: left empty, flagged truncated by the caller
-        seqs = torch.full((len(idx), longest), chat.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), longest), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding, mask built from lengths
-            n = len(contexts[i])
-            seqs[row, longest - n:] = torch.tensor(contexts[i])
-            attention[row, longest - n:] = 1
-        seqs, attention, cache, written = seqs.to(device), attention.to(device), None, 0
+        cached = [0 if prefixes[i] is None else prefixes[i][0][0].shape[1] for i in idx]
+        C, S = max(cached), max(len(contexts[i]) - c for i, c in zip(idx, cached))
+        seqs = torch.full((len(idx), C + S), chat.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), C + S), dtype=torch.long)
+        for row, (i, c) in enumerate(zip(idx, cached)):  # [pad | cached prefix | pad | rest of the context]
+            rest = contexts[i][c:]
+            seqs[row, C - c:C], seqs[row, C + S - len(rest):] = torch.tensor(contexts[i][:c], dtype=torch.long), torch.tensor(rest)
+            attention[row, C - c:C] = attention[row, C + S - len(rest):] = 1
+        cache = None
+        if C:
+            layers = []
+            for layer in range(len(next(p for p in (prefixes[i] for i in idx) if p is not None))):
+                kv = []
+                for part in (0, 1):
+                    ref = next(prefixes[i][layer][part] for i in idx if prefixes[i] is not None)
+                    full = ref.new_zeros((len(idx), ref.shape[0], C, ref.shape[2]))
+                    for row, (i, c) in enumerate(zip(idx, cached)):
+                        if c:
+                            full[row, :, C - c:] = prefixes[i][layer][part]
+                    kv.append(full)
+                layers.append(tuple(kv))
+            cache = DynamicCache(layers, config=model.config)
+        seqs, attention, written, start = seqs.to(device), attention.to(device), 0, C + S
         while idx:
             step = min(chunk, budget - written)
             config = GenerationConfig(
@@ -462,15 +495,19 @@ def _generate(model, chat, contexts, max_new_tokens, max_total_tokens, do_sample
             seqs, cache, written = res.sequences, res.past_key_values, written + new
             attention = torch.cat([attention, attention.new_ones((len(idx), new))], 1)
             ended = (seqs[:, seqs.shape[1] - new:] == chat.end_of_turn_id).any(1).tolist()
+            plain_kv = kv_out is not None and all(type(layer) is DynamicLayer for layer in cache.layers)
             keep = []
             for row, i in enumerate(idx):
-                if ended[row] or written >= budget:
-                    gen = seqs[row, longest:].tolist()
-                    if chat.end_of_turn_id in gen:  # the turn ends at the first end-of-turn; the rest is padding
-                        gen = gen[: gen.index(chat.end_of_turn_id) + 1]
-                    out[i] = gen
-                else:
+                if not (ended[row] or written >= budget):
                     keep.append(row)
+                    continue
+                gen = seqs[row, start:].tolist()
+                if ended[row]:  # the turn ends at the first end-of-turn; the rest is padding
+                    gen = gen[: gen.index(chat.end_of_turn_id) + 1]
+                    if plain_kv and wants_kv is not None and wants_kv(gen):
+                        cols = attention[row, : start + len(gen) - 1].nonzero().squeeze(1)
+                        kv_out[i] = [(layer.keys[row][:, cols], layer.values[row][:, cols]) for layer in cache.layers]
+                out[i] = gen
             if len(keep) < len(idx) and keep:  # finished rows leave the batch and the cache
                 rows = torch.tensor(keep, device=device)
                 seqs, attention = seqs[rows], attention[rows]

@@ -77,8 +77,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=ascl.DECODE_CHUNK,
                    help="tokens per generate call before finished rows leave the batch (>= max-new-tokens: one call)")
+    p.add_argument("--no-reuse-kv", action="store_true", help="prefill the whole conversation again for each later turn")
     a = p.parse_args()
-    ascl.DECODE_CHUNK = a.chunk
+    ascl.DECODE_CHUNK, ascl.REUSE_KV = a.chunk, not a.no_reuse_kv
 
     torch.manual_seed(0)
     model, tokenizer = ascl.load_policy(a.model)
@@ -108,11 +109,13 @@ def main():
               f"{t_plain:.2f}s ({n_plain / t_plain:.1f} tok/s); ratio {ratio:.3f}", flush=True)
         computed, kept, reprefill = waste(trajs, a.chunk)
         print(f"    rollout: generate computed {computed} row-steps for {kept} kept tokens ({kept / computed:.2f}); "
-              f"later turns prefilled {reprefill} context tokens again", flush=True)
+              f"later turns {'reused the KV cache of' if ascl.REUSE_KV else 'prefilled again'} {reprefill} context tokens",
+              flush=True)
         if rep:
             ratios.append(ratio)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device}; batch {len(contexts)} rollouts, max_new_tokens {a.max_new_tokens}, decode chunk {a.chunk}")
+    print(f"device: {device}; batch {len(contexts)} rollouts, max_new_tokens {a.max_new_tokens}, decode chunk {a.chunk}, "
+          f"KV cache reused across turns: {ascl.REUSE_KV}")
     print(f"rollout efficiency: {statistics.median(ratios):.3f}")
 
 

@@ -88,7 +88,7 @@ def install_scripted_generation(monkeypatch, tokenizer, deterministic: bool):
     deterministic, by (prompt, rollout index in its group); a tool call gets TOOL_FOLLOW_UP."""
     import zlib
 
-    def fake_generate(model, chat, contexts, *args):
+    def fake_generate(model, chat, contexts, *args, **kwargs):
         out = []
         for j, ctx in enumerate(contexts):
             text = tokenizer.decode(ctx)

@@ -1,4 +1,5 @@
 """ASCL as specified in METHOD.md sections 2 and 4: rule book, chat format, tool calls, rollout, reward."""
+import itertools
 import json
 import re
 
@@ -154,7 +155,7 @@ def test_chat_format_needs_a_chat_template(tokenizer):
 # ----------------------------------------------------------------------------- rollout
 def scripted(chat, script, monkeypatch):
     """Replace generation: each prompt's k-th turn is script[prompt][k] (+ end of turn)."""
-    def fake_generate(model, chat_, contexts, max_new_tokens, max_total_tokens, *args):
+    def fake_generate(model, chat_, contexts, max_new_tokens, max_total_tokens, *args, **kwargs):
         out = []
         for ctx in contexts:
             text = chat.tokenizer.decode(ctx)
@@ -263,6 +264,45 @@ def test_chunked_decoding_drops_finished_rows_and_changes_no_token(tokenizer):
     assert chunked == gen(contexts, 100)
     assert min(rows_seen) == len(contexts)  # one call: generate keeps every row to the end
     assert chunked == [gen([c], 100)[0] for c in contexts]
+
+
+def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenizer, rule_book, monkeypatch):
+    """A turn after a tool call prefills only the tool turn, continuing from the conversation's KV
+    cache (rows laid out with masked holes); greedy rollouts equal those that prefill everything."""
+    chat = ChatFormat(tokenizer)
+    model = make_tiny_model(len(tokenizer))
+    prefilled = []
+
+    def end_on_positions(module, args, kwargs, out):  # turns of different lengths
+        prefilled.append(kwargs["input_ids"].numel())
+        out.logits[:, -1, chat.end_of_turn_id] += 100.0 * (kwargs["position_ids"][:, -1] % 13 == 0)
+        return out
+
+    model.register_forward_hook(end_on_positions, with_kwargs=True)
+    # every turn counts as a tool call (a random model writes none), so every rollout takes 3 turns;
+    # queries (so tool turns) of different lengths leave masked holes between cached and new tokens
+    queries = None
+    monkeypatch.setattr(ascl, "parse_tool_calls", lambda text: [ascl.ToolCall(*next(queries))])
+    monkeypatch.setattr(chat.tokenizer, "decode", lambda ids, **kw: "<tool_call>")
+    prompts = ["Hi", "Tell me about locks please. " * 6, "What is 2+2?" * 12]
+
+    def run():
+        nonlocal queries
+        queries = itertools.cycle([("weapons", 1), ("home address of a neighbour", 3), ("bank", 2), ("lock picking", 1)])
+        return ascl.rollout(model, chat, rule_book, prompts, ["benign"] * 3, group_size=2, max_new_tokens=20,
+                            max_total_tokens=4096, max_tool_calls=2, do_sample=False)
+
+    reused = run()
+    tokens_reused = sum(prefilled)
+    assert all(len(t.tool_results) == 2 and len(t.turns) == 3 for t in reused), [(t.num_tool_calls, len(t.tool_results), len(t.turns), t.truncated) for t in reused]
+    assert len({len(t.input_ids) for t in reused}) > 1  # rows of different lengths share batches
+    assert len({len("".join(t.tool_results[0])) for t in reused}) > 1  # and tool turns of different lengths
+    monkeypatch.setattr(ascl, "REUSE_KV", False)
+    prefilled.clear()
+    again = run()
+    assert [t.input_ids for t in reused] == [t.input_ids for t in again]
+    assert [t.action_mask for t in reused] == [t.action_mask for t in again]
+    assert tokens_reused < sum(prefilled)  # fewer tokens went through the model
 
 
 # ----------------------------------------------------------------------------- reward (Eq. 1)
