@@ -232,7 +232,7 @@ def test_scores_come_from_verdicts_answers_and_tool_calls(tiny_model_dir, tmp_pa
     """Scripted model: harmful -> tool call then refusal; benign -> helpful answer; math -> 'Answer: 27'."""
     harmful = [r["prompt"] for r in ev.load_benchmark(str(ROOT / "data/eval_harmful.jsonl"), limit=2)]
 
-    def scripted_generate(model, chat, contexts, *args):
+    def scripted_generate(model, chat, contexts, *args, **kwargs):
         out = []
         for ctx in contexts:
             text = chat.tokenizer.decode(ctx)
