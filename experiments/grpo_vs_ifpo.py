@@ -7,7 +7,7 @@ Stages, each a train.py / eval.py run in a subprocess (a stage whose output exis
 so an interrupted experiment continues where it stopped):
   1. behaviour cloning from the embedded model on data/bc_seed.jsonl
   2. per seed: RL with --adv grpo and with --adv ifpo from the BC checkpoint
-  3. eval.py on the base model, BC and every RL model, on the held-out bundled sets
+  3. eval.py on the base model, BC and every RL model not evaluated yet, on the held-out bundled sets
   4. experiments/results.md (the table) and experiments/*.png (plots), written from the logs
 """
 import argparse
@@ -32,6 +32,14 @@ def run(cmd: list[str], done: Path):
         return
     print("[run]", " ".join(cmd), flush=True)
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+
+
+def evaluated(folder: Path) -> dict:
+    """model path -> its eval.py results, from every results.json written under folder."""
+    found = {}
+    for f in sorted(folder.glob("**/results.json")):
+        found.update(json.loads(f.read_text())["models"])
+    return found
 
 
 def read_log(folder: Path) -> list[dict]:
@@ -106,9 +114,12 @@ def main():
             run(["train.py", *RL, "--adv", adv, "--seed", str(seed), "--max_steps", str(a.steps),
                  "--model", str(bc / "final"), "--output_dir", str(folder)], folder / "final")
             models[f"{adv}-seed{seed}"] = str(folder / "final")
-    run(["eval.py", *EVAL, "--output_dir", str(out / "eval"), "--model", *models.values()], out / "eval" / "results.json")
-
-    results = json.loads((out / "eval" / "results.json").read_text())["models"]
+    results = evaluated(out / "eval")
+    missing = [label for label, path in models.items() if path not in results]
+    if missing:  # models added by a later run (more seeds) are evaluated on their own
+        folder = out / "eval" / "+".join(missing)
+        run(["eval.py", *EVAL, "--output_dir", str(folder), "--model", *(models[m] for m in missing)], folder / "results.json")
+        results = evaluated(out / "eval")
     results = {label: results[path] for label, path in models.items()}
     groups = {"base (SmolLM2-135M)": ["base"], "BC": ["BC"],
               "GRPO": [f"grpo-seed{s}" for s in a.seeds], "IFPO": [f"ifpo-seed{s}" for s in a.seeds]}
