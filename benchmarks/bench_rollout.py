@@ -1,13 +1,18 @@
 """Rollout efficiency: tokens/s of ascl.rollout divided by tokens/s of one plain batched generate.
 
-    python benchmarks/bench_rollout.py [--model M] [--prompts 8] [--group-size 2] [--max-new-tokens 64] [--repeats 3]
+    python benchmarks/bench_rollout.py [--model M] [--prompts 8] [--group-size 2] [--max-new-tokens 64]
+        [--repeats 3] [--chunk 16] [--no-reuse-kv]
 
 Both sides get the same prompts (the bundled RL prompts, rendered with the same chat template),
 the same batch size and the same number of generated tokens: plain generate is forced to write
 exactly as many tokens per row as the rollout wrote on average (min_new_tokens = max_new_tokens).
-The two are run alternately; the median of the ratios is reported. 1.0 is the limit; the rollout
-pays for tool execution, a second prefill of the conversations that called the tool, and a
-smaller batch in that second turn. Prints figures, asserts nothing.
+The two are run alternately; the median of the ratios is reported. 1.0 is the limit. What the
+rollout pays on top: a rollout that calls the tool writes its turns one after the other (turn 2
+needs the tool's answer to turn 1), so it takes more sequential decode steps than plain generate
+spreading the same tokens evenly over all rows; and the tool's answer has to be prefilled.
+--chunk and --no-reuse-kv switch off ascl's two remedies (dropping finished rows, continuing
+from the KV cache) for comparison. Also printed: the cost of one decode step by batch size.
+Prints figures, asserts nothing.
 """
 import argparse
 import json
@@ -68,6 +73,27 @@ def waste(trajs, chunk: int) -> tuple[int, int, int]:
     return computed, kept, reprefill
 
 
+@torch.inference_mode()
+def decode_step_ms(model, batch_sizes=(1, 4, 8, 12, 16), context=200, steps=10) -> dict[int, float]:
+    """Milliseconds per decode step (one new token per row, KV cache of `context` tokens) by batch
+    size: if a step costs about the same for 8 rows as for 16, rows dropped from the batch save
+    little and the number of sequential steps sets the time."""
+    dev = next(model.parameters()).device
+    out = {}
+    for b in batch_sizes:
+        cache = model(input_ids=torch.randint(100, 1000, (b, context), device=dev), use_cache=True,
+                      logits_to_keep=1).past_key_values
+        token = torch.randint(100, 1000, (b, 1), device=dev)
+        model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out[b] = (time.perf_counter() - t0) / steps * 1000
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
@@ -116,6 +142,8 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; batch {len(contexts)} rollouts, max_new_tokens {a.max_new_tokens}, decode chunk {a.chunk}, "
           f"KV cache reused across turns: {ascl.REUSE_KV}")
+    model.eval()
+    print("decode step by batch size: " + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in decode_step_ms(model).items()))
     print(f"rollout efficiency: {statistics.median(ratios):.3f}")
 
 
