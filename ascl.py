@@ -380,6 +380,11 @@ def rollout(
         trajs += [Trajectory(p, y, list(ids), [0] * len(ids)) for _ in range(group_size)]
 
     active, prefix = list(range(len(trajs))), {}  # prefix: rollout -> KV cache of its conversation so far
+    if REUSE_KV and group_size > 1:  # a group shares its prompt: prefill it once, not group_size times
+        shared = _prefill(model, [trajs[i].input_ids[:-1] for i in range(0, len(trajs), group_size)], chat.pad_id,
+                          batch_size)
+        if shared is not None:
+            prefix = {i: shared[i // group_size] for i in range(len(trajs))}
     for round_ in range(max_tool_calls + 1):
         if not active:
             break
@@ -421,6 +426,36 @@ def rollout(
                 prefix[i] = kv.pop(j)
         active = still_going
     return trajs
+
+
+@torch.inference_mode()
+def _prefill(model, contexts: list[list[int]], pad_id: int, batch_size: int | None = None):
+    """The KV cache of each context, per layer (keys, values), each (heads, len, head_dim); None
+    if the model's cache is not a plain per-layer KV list (then nothing is reused)."""
+    from transformers.cache_utils import DynamicLayer
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    batch_size = batch_size or len(contexts)
+    for s in range(0, len(contexts), batch_size):
+        batch = contexts[s:s + batch_size]
+        T = max(len(c) for c in batch)
+        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), T), dtype=torch.long)
+        for row, c in enumerate(batch):  # left padding; positions count real tokens only
+            ids[row, T - len(c):], attention[row, T - len(c):] = torch.tensor(c), 1
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        cache = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
+                      use_cache=True, logits_to_keep=1).past_key_values
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            model.train(was_training)
+            return None
+        out += [[(layer.keys[row][:, T - len(c):], layer.values[row][:, T - len(c):]) for layer in cache.layers]
+                for row, c in enumerate(batch)]
+    model.train(was_training)
+    return out
 
 
 @torch.inference_mode()

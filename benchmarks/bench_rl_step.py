@@ -34,11 +34,14 @@ Differences that cannot be removed, printed with the figures:
   <tool_response>; the worker checks the ids) and a response template that parses <tool_call> JSON
   blocks anywhere in a turn (TRL's Qwen3 parser would swallow a call written inside <think>, which is
   where ASCL puts it). train.py keeps its own ascl.ChatFormat.
-- Completion budget. train.py's max_new_tokens is per model turn; TRL's max_completion_length caps
-  the whole completion, tool results included, and drops a tool result that does not fit. Both get
-  --max-new-tokens, so first turns have the same budget, but a TRL rollout that calls the tool usually
-  ends there (three rules are longer than 64 tokens) while train.py gives it a second turn. The tool
-  call rate and completion lengths of each side are printed so this can be judged.
+- Completion budget. TRL's max_completion_length caps the whole completion, tool results included,
+  and drops a tool result that does not fit. train.py gets the same budget: max_new_tokens per turn
+  = --max-new-tokens and max_total_tokens = longest prompt + --max-new-tokens, so a tool turn that
+  does not fit is not appended either (ascl flags the rollout truncated). One difference remains:
+  train.py's budget for a later turn is set by the longest conversation in its batch, TRL's per
+  row. With the default 64 tokens the rules (~150 tokens for three) never fit, so on both sides a
+  rollout that calls the tool ends with that call; a larger --max-new-tokens gives room for turns
+  after the tool (and costs proportionally more time).
 - Advantages: train.py uses IFPO (its default), TRL GRPO's group normalisation; both cost nothing.
   TRL also computes per-token entropies in its loss forward (its default metric).
 """
@@ -109,6 +112,8 @@ def worker_train(a) -> dict:
         args = train_args(a, out)
         accelerator = Accelerator(cpu=True)
         chat, book = ascl.ChatFormat(tokenizer), ascl.RuleBook.from_json()
+        # TRL's budget: max_completion_length for the whole completion, tool results included
+        args.max_total_tokens = max(len(chat.prompt_ids(r["prompt"])) for r in step_prompts(a)) + a.max_new_tokens
         # as train.reinforcement_learning sets up a run
         prompts = train.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
         judge = train.make_judge(args.judge, accelerator.device)

@@ -103,6 +103,7 @@ def install_scripted_generation(monkeypatch, tokenizer, deterministic: bool):
         return out
 
     monkeypatch.setattr(ascl, "_generate", fake_generate)
+    monkeypatch.setattr(ascl, "_prefill", lambda *args: None)  # no model behind the script
 
 
 @pytest.fixture(scope="session")

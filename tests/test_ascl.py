@@ -165,6 +165,7 @@ def scripted(chat, script, monkeypatch):
             out.append(gen[: min(max_new_tokens, max_total_tokens - len(ctx))])
         return out
     monkeypatch.setattr(ascl, "_generate", fake_generate)
+    monkeypatch.setattr(ascl, "_prefill", lambda *args: None)  # no model behind the script
 
 
 def test_rollout_runs_the_tool_and_masks_only_what_the_model_wrote(tokenizer, rule_book, monkeypatch):

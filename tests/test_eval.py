@@ -246,6 +246,7 @@ def test_scores_come_from_verdicts_answers_and_tool_calls(tiny_model_dir, tmp_pa
         return out
 
     monkeypatch.setattr(ascl, "_generate", scripted_generate)
+    monkeypatch.setattr(ascl, "_prefill", lambda *args: None)  # no model behind the script
     out = tmp_path / "eval"
     ev.main(ev.Args(model=[tiny_model_dir], output_dir=str(out), limit=2, math_samples=2))
     results, samples = read_outputs(out, tiny_model_dir)
