@@ -10,8 +10,9 @@ The two are run alternately; the median of the ratios is reported. 1.0 is the li
 rollout pays on top: a rollout that calls the tool writes its turns one after the other (turn 2
 needs the tool's answer to turn 1), so it takes more sequential decode steps than plain generate
 spreading the same tokens evenly over all rows; and the tool's answer has to be prefilled.
---chunk and --no-reuse-kv switch off ascl's two remedies (dropping finished rows, continuing
-from the KV cache) for comparison. Also printed: the cost of one decode step by batch size.
+What it saves: the rollouts of a group share their prompt, which ascl prefills once per group
+(plain generate prefills every row). --chunk 1000 --no-reuse-kv switch off ascl's remedies
+(dropping finished rows; reusing the KV cache of the prompt and of earlier turns) for comparison. Also printed: the cost of one decode step by batch size.
 Prints figures, asserts nothing.
 """
 import argparse
