@@ -1,7 +1,7 @@
 """GRPO vs IFPO on the embedded SmolLM2-135M: same BC checkpoint, same prompt order, same seeds.
 
     make experiment                                   # or:
-    python experiments/grpo_vs_ifpo.py [--seeds 0 1] [--steps 12] [--out runs/grpo_vs_ifpo]
+    python experiments/grpo_vs_ifpo.py [--seeds 0 1] [--steps 12] [--out runs/grpo_vs_ifpo]   # the defaults
 
 Stages, each a train.py / eval.py run in a subprocess (a stage whose output exists is skipped,
 so an interrupted experiment continues where it stopped):
@@ -86,7 +86,8 @@ def plot(logs: dict[str, list[list[dict]]], out: Path):
                 continue
             for i, log in enumerate(runs):
                 for key, label, style in series:
-                    ax.plot([r["step"] for r in log], [r[key] for r in log], style, color=colors[adv], alpha=0.85,
+                    ax.plot([r["step"] for r in log], [r[key] for r in log], style, marker="o", markersize=3,
+                            color=colors[adv], alpha=0.85,
                             label=f"{adv.upper()} {label}" if i == 0 else None)
         ax.set_xlabel("RL step")
         ax.set_ylabel(ylabel)
@@ -99,7 +100,7 @@ def plot(logs: dict[str, list[list[dict]]], out: Path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--out", default="runs/grpo_vs_ifpo")
     a = p.parse_args()
@@ -126,8 +127,8 @@ def main():
     logs = {adv: [read_log(out / f"{adv}-seed{s}") for s in a.seeds] for adv in ("grpo", "ifpo")}
     plot(logs, HERE)
 
-    def last(adv, key, n=5):  # mean over the last n steps, averaged over seeds
-        return statistics.mean(statistics.mean(r[key] for r in log[-n:]) for log in logs[adv])
+    def last(adv, key, n=5):  # mean over the last n steps (steps without such prompts skipped), over seeds
+        return statistics.mean(statistics.mean(v for r in log[-n:] if (v := r[key]) == v) for log in logs[adv])
 
     lines = [f"Command: `python experiments/grpo_vs_ifpo.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps}`",
              f"(RL: {' '.join(RL)}; eval: {' '.join(EVAL)}; BC: {' '.join(BC)}).", "",
