@@ -39,7 +39,7 @@ Differences that cannot be removed, printed with the figures:
   = --max-new-tokens and max_total_tokens = longest prompt + --max-new-tokens, so a tool turn that
   does not fit is not appended either (ascl flags the rollout truncated). One difference remains:
   train.py's budget for a later turn is set by the longest conversation in its batch, TRL's per
-  row. With the default 64 tokens the rules (~150 tokens for three) never fit, so on both sides a
+  row. With the default 64 tokens the rules (three of them) never fit, so on both sides a
   rollout that calls the tool ends with that call; a larger --max-new-tokens gives room for turns
   after the tool (and costs proportionally more time).
 - Advantages: train.py uses IFPO (its default), TRL GRPO's group normalisation; both cost nothing.
