@@ -258,9 +258,9 @@ def restore_rng(folder: Path, process_index: int):
 
 
 def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel (CPU and CUDA): one pass over each parameter instead of
-    several temporaries per tensor, measured ~5x faster and ~230 MiB smaller at peak for
-    SmolLM2-135M on CPU. Falls back to the plain loop where the kernel is not supported."""
+    """AdamW with the fused kernel (CPU and CUDA; TRL's default too): one pass over each
+    parameter instead of a loop allocating temporaries per tensor, so faster and lower at
+    peak. Falls back to the plain loop where the kernel is not supported."""
     try:
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     except (RuntimeError, ValueError):
