@@ -60,6 +60,7 @@ class Args:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     beta: float = field(default=0.0, metadata={"help": "KL to the initial policy; 0 = none, as in the paper"})
+    tool_penalty: float = field(default=0.0, metadata={"help": "reward penalty per valid tool call (the ablation IFPO replaces); 0 = the paper's Eq. 1"})
     lr: float = 2e-6
     warmup: float = 0.1
     group_size: int = 4
@@ -275,11 +276,37 @@ def check_finite(name: str, value: torch.Tensor, step: int):
 
 
 # ----------------------------------------------------------------------------- behaviour cloning
+def bc_batches(lengths: list[int], batch_size: int, rng: random.Random, group: int = 16) -> list[list[int]]:
+    """One epoch's batches of sample indices, each of samples of similar length.
+
+    Shuffle, cut into groups of `group` batches, sort each group by length and deal it into
+    batches, then shuffle the batches: little padding, while every epoch sees a new order.
+    >>> bc_batches([5, 1, 4, 2], 2, random.Random(0), group=2)
+    [[0, 2], [3, 1]]
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * group
+    batches = []
+    for g in range(0, len(order), span):
+        chunk = sorted(order[g:g + span], key=lambda i: -lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, chat, rule_book):
+    """Next-token loss on the model's turns, token mean over each global batch.
+
+    Every process builds the same global batches (bc_batch_size per process) and takes its
+    share, so all run the same number of optimizer steps whatever the sample count; a
+    process left without samples in the last batch runs a zero-weight one (DDP needs every
+    process in every backward).
+    """
     conversations = load_bc_conversations(args.bc_data, rule_book)
     samples = bc_samples(chat, conversations, args.max_total_tokens)
-    per_process = samples[accelerator.process_index::accelerator.num_processes]
-    steps_per_epoch = math.ceil(len(per_process) / args.bc_batch_size)
+    P, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = math.ceil(len(samples) / (args.bc_batch_size * P))
     total = steps_per_epoch * args.bc_epochs
     optimizer = make_optimizer(model, args.bc_lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.bc_warmup * total), total)
@@ -289,29 +316,32 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
     bar = tqdm(total=total, desc="behaviour cloning", disable=not accelerator.is_main_process)
     step = 0
     for epoch in range(args.bc_epochs):
-        order = list(range(len(per_process)))
-        rng.shuffle(order)
-        for b in range(0, len(order), args.bc_batch_size):
-            batch = [per_process[i] for i in order[b:b + args.bc_batch_size]]
-            ids, attention, action = (t.to(accelerator.device) for t in pad_batch(*zip(*batch), chat.pad_id))
+        for batch in bc_batches([len(ids) for ids, _ in samples], args.bc_batch_size * P, rng):
+            num_tokens = sum(sum(samples[i][1]) for i in batch)  # the global batch's, known to every process
+            mine = batch[rank * args.bc_batch_size:(rank + 1) * args.bc_batch_size]
+            weight = 1.0 if mine else 0.0
+            ids, attention, action = (t.to(accelerator.device) for t in pad_batch(
+                *zip(*(samples[i] for i in mine or batch[:1])), chat.pad_id))
             logprobs, mask = token_logprobs(model, ids, attention, action)
-            loss = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
-            check_finite("BC loss", loss.detach(), step)
-            accelerator.backward(loss)
+            nll = -(logprobs * mask).sum() * weight
+            # DDP averages gradients over processes: scale so the result is the global token mean
+            accelerator.backward(nll * P / max(num_tokens, 1))
+            loss = accelerator.reduce(nll.detach(), "sum").item() / max(num_tokens, 1)
+            check_finite("BC loss", torch.tensor(loss), step)
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
             step += 1
             bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
             if accelerator.is_main_process:
-                log_jsonl(args, {"stage": "bc", "step": step, "epoch": epoch, "loss": loss.item(),
+                log_jsonl(args, {"stage": "bc", "step": step, "epoch": epoch, "loss": loss,
                                  "lr": scheduler.get_last_lr()[0]})
     bar.close()
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
-    return model, {"bc_samples": len(samples), "bc_steps": step, "bc_final_loss": loss.item()}
+    return model, {"bc_samples": len(samples), "bc_steps": step, "bc_final_loss": loss}
 
 
 # ----------------------------------------------------------------------------- reinforcement learning
@@ -352,6 +382,7 @@ def policy_update(args: Args, accelerator: Accelerator, model, optimizer, schedu
     num_tokens = max(accelerator.reduce(local_tokens, "sum").item(), 1.0) / accelerator.num_processes
 
     old, ref = [], []
+    model.train()  # old and new log-probs in the same mode (dropout, if any, alike)
     if args.updates_per_batch > 1 or args.beta:
         with torch.no_grad():
             for ids, attention, action in batches:
@@ -361,7 +392,6 @@ def policy_update(args: Args, accelerator: Accelerator, model, optimizer, schedu
                     ref.append(token_logprobs(ref_model, ids, attention, action)[0])
 
     stats: dict[str, float] = {}
-    model.train()
     for _ in range(args.updates_per_batch):
         sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0}
         for j, (idx, (ids, attention, action)) in enumerate(zip(micro, batches)):
@@ -400,7 +430,8 @@ def rl_step(args, accelerator, model, optimizer, scheduler, chat, rule_book, jud
                          temperature=args.temperature, batch_size=args.rollout_batch_size)
     t1 = time.perf_counter()
     verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
-    rewards = [ascl.reward(t.label, t, v) for t, v in zip(trajs, verdicts)]
+    rewards = [ascl.reward(t.label, t, v, args.tool_penalty) for t, v in zip(trajs, verdicts)]
+    fallbacks = judge.pop_fallbacks() if hasattr(judge, "pop_fallbacks") else {}
     R = torch.tensor([r.total for r in rewards])
     check_finite("rewards", R, step)
     used_tool = torch.tensor([t.used_tool for t in trajs])
@@ -429,7 +460,7 @@ def rl_step(args, accelerator, model, optimizer, scheduler, chat, rule_book, jud
             "ifpo_weight_tool": mean(w, tool_b), "ifpo_weight_direct": mean(w, ~tool_b),
             "zero_spread_groups": mean(zs), "format_ok": mean(fmt), "faulty_calls": mean(faulty),
             "truncated": mean(trunc), "response_length": mean(length), **stats,
-            "lr": scheduler.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
+            "lr": scheduler.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1, **fallbacks,
             "processes": accelerator.num_processes}
 
 
@@ -441,7 +472,16 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
     steps = int(args.epochs * (len(prompts) // global_batch))
     steps = min(steps, args.max_steps) if args.max_steps else steps
     judge = make_judge(args.judge, accelerator.device)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta else None
+    # the initial policy, for --beta: where RL started (BC checkpoint or --model), also after a resume
+    initial = str(Path(args.output_dir) / "bc") if args.stage == "all" else args.model
+    ref_model = None
+    if args.beta:
+        if resume_from is not None:
+            initial = torch.load(resume_from / "trainer_state.pt", weights_only=False).get("initial_policy", initial)
+            ref_model = ascl.load_policy(initial)[0]
+        else:
+            ref_model = copy.deepcopy(model)
+        ref_model = ref_model.to(accelerator.device).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = make_optimizer(model, args.lr)
@@ -466,7 +506,8 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
         accelerator.log(log, step=step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
             save_checkpoint(accelerator, model, tokenizer, out / f"checkpoint-{step + 1}",
-                            {"stage": "rl", "step": step + 1, "args": asdict(args)}, optimizer, scheduler)
+                            {"stage": "rl", "step": step + 1, "args": asdict(args), "initial_policy": initial},
+                            optimizer, scheduler)
             if accelerator.is_main_process:
                 prune_checkpoints(out, args.keep_checkpoints)
     return model, {"rl_steps": steps, **{f"last_{k}": v for k, v in log.items() if k in ("reward_mean", "tool_rate", "loss")}}

@@ -206,6 +206,44 @@ def test_tool_calls_beyond_the_cap_end_the_rollout_truncated(tokenizer, rule_boo
     assert t.num_tool_calls == 3 and len(t.tool_results) == 2 and t.truncated and t.answer is None
 
 
+def test_max_tool_calls_bounds_executed_calls_not_rounds(tokenizer, rule_book, monkeypatch):
+    """Five calls with top_k=20 in one turn under a cap of 1: none runs, the rollout ends truncated."""
+    chat = ChatFormat(tokenizer)
+    five = "<think>x " + "".join(call({"query": f"weapons {k}", "top_k": 20}) for k in range(5))
+    scripted(chat, {"Q?": [five, "</think>ok"]}, monkeypatch)
+    (t,) = ascl.rollout(None, chat, rule_book, ["Q?"], ["sensitive"], max_tool_calls=1, max_total_tokens=16384)
+    assert t.tool_results == [] and t.truncated and t.answer is None and len(t.turns) == 1
+    assert t.num_tool_calls == 5 and t.used_tool  # the behaviour was consultation
+    # within the cap, all the turn's calls run
+    (t,) = ascl.rollout(None, chat, rule_book, ["Q?"], ["sensitive"], max_tool_calls=5, max_total_tokens=16384)
+    assert len(t.tool_results[0]) == 5 and not t.truncated and t.answer == "ok"
+    assert all(r.count("Result ") == 20 for r in t.tool_results[0])  # top_k=20 is the tool's maximum
+
+
+def test_used_tool_means_at_least_one_valid_call(tokenizer, rule_book, monkeypatch):
+    """m_i of Eq. 3: faulty attempts (unknown tool, bad JSON, unclosed tag) are not consultations."""
+    chat = ChatFormat(tokenizer)
+    scripted(chat, {"A?": [call({"query": "x"}, name="google"), "</think>ok"],
+                    "B?": ["<think>x <tool_call>{oops</tool_call>", "</think>ok"],
+                    "C?": ["<think>x <tool_call>", "</think>ok"],
+                    "D?": [call({"q": "x"}, name="google") + call({"query": "bombs"}), "</think>ok"]}, monkeypatch)
+    a, b, c, d = ascl.rollout(None, chat, rule_book, ["A?", "B?", "C?", "D?"], ["sensitive"] * 4)
+    assert [t.used_tool for t in (a, b, c, d)] == [False, False, False, True]
+    assert (a.faulty_calls, b.syntax_error, c.syntax_error, d.valid_calls) == (1, True, True, 1)
+
+
+def test_each_row_stops_at_its_own_token_budget(tokenizer, tiny_model, rule_book):
+    """A long prompt beside a short one must not cut the short one's turn (greedy, same tokens)."""
+    chat = ChatFormat(tokenizer)
+    short, long_ = "Hi", "Tell me about the history of locks and keys in great detail please. " * 4
+    limit = len(chat.prompt_ids(long_)) + 3  # the long prompt has room for 3 tokens only
+    run = lambda prompts: ascl.rollout(tiny_model, chat, rule_book, prompts, ["benign"] * len(prompts),  # noqa: E731
+                                       max_new_tokens=12, max_total_tokens=limit, do_sample=False)
+    alone, (beside, cut) = run([short])[0], run([short, long_])
+    assert beside.input_ids == alone.input_ids and len(alone.input_ids) - len(chat.prompt_ids(short)) > 3
+    assert len(cut.input_ids) <= limit and cut.truncated
+
+
 def test_a_tool_turn_that_would_overflow_is_not_appended(tokenizer, rule_book, monkeypatch):
     chat = ChatFormat(tokenizer)
     scripted(chat, {"Q?": ["<think>x " + call({"query": "weapons", "top_k": 20}), "</think>ok"]}, monkeypatch)
@@ -306,6 +344,31 @@ def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenize
     assert tokens_reused < sum(prefilled)  # fewer tokens went through the model
 
 
+def test_kv_caches_kept_between_turns_are_bounded_by_the_batch_size(tokenizer, rule_book, monkeypatch):
+    """With --rollout_batch_size 2, at most 2 conversations keep their KV cache for the next turn."""
+    chat = ChatFormat(tokenizer)
+    model = make_tiny_model(len(tokenizer))
+    monkeypatch.setattr(ascl, "parse_tool_calls", lambda text: [ascl.ToolCall("weapons", 1)])
+    monkeypatch.setattr(chat.tokenizer, "decode", lambda ids, **kw: "<tool_call>")
+    def end_every_turn(module, args, kwargs, out):
+        out.logits[:, -1, chat.end_of_turn_id] += 100.0 * (kwargs["position_ids"][:, -1] % 5 == 0)
+        return out
+
+    model.register_forward_hook(end_every_turn, with_kwargs=True)
+    kept, generate = [], ascl._generate
+
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        kept.append(len(kwargs["kv_out"]))
+        return out
+
+    monkeypatch.setattr(ascl, "_generate", spy)
+    trajs = ascl.rollout(model, chat, rule_book, ["Hi", "Why?", "How?"], ["benign"] * 3, group_size=2,
+                         max_new_tokens=8, max_tool_calls=1, do_sample=False, batch_size=2)
+    assert all(len(t.tool_results) == 1 for t in trajs)  # all 6 rollouts went on to a second turn
+    assert kept[0] == 2
+
+
 # ----------------------------------------------------------------------------- reward (Eq. 1)
 def traj(turns, label="harmful", calls=0, faulty=0, syntax=False, truncated=False):
     return Trajectory("p", label, [], [], turns=turns, num_tool_calls=calls, faulty_calls=faulty,
@@ -355,7 +418,8 @@ def test_answer_may_follow_think_closed_in_an_earlier_turn():
 
 @pytest.mark.parametrize("claim", ["According to the retrieved rules, I can't.",
                                    "I consulted the safety policy and must decline.",
-                                   "Based on the rules I looked up, no."])
+                                   "Based on the rules I looked up, no.",
+                                   "Per the rule book, this is not allowed."])
 def test_claiming_a_lookup_that_never_happened_zeroes_the_reward(claim):
     r = reward("harmful", traj(["<think>x</think>" + claim]), Verdict(True, True))
     assert r.hallucination_gate == 0 and r.total == 0.0
@@ -363,6 +427,25 @@ def test_claiming_a_lookup_that_never_happened_zeroes_the_reward(claim):
     assert reward("harmful", with_call, Verdict(True, True)).total == 1.5
     only_faulty = traj(["<think>x " + call({"q": 1}), "</think>" + claim], calls=1, faulty=1)
     assert reward("harmful", only_faulty, Verdict(True, True)).hallucination_gate == 0
+
+
+@pytest.mark.parametrize("turn", [
+    "<think>A chess question.</think>Based on the rules of chess, the bishop moves diagonally.",
+    "<think>Board games.</think>I checked the rules of the game: each player draws two cards.",
+    "<think>Let me check the rule book. No need, it is a normal request.</think>Use `kill PID`.",
+    "<think>Sports.</think>According to the rules, a goal counts when the ball crosses the line.",
+])
+def test_rules_talk_that_is_not_a_safety_lookup_claim_keeps_the_reward(turn):
+    """P_h reads the final answer only, and only claims of a *safety* rule look-up."""
+    r = reward("sensitive", traj([turn], "sensitive"), Verdict(True, False))
+    assert r.hallucination_gate == 1 and r.total == 1.5
+
+
+def test_tool_penalty_is_charged_per_valid_call_only():
+    t = traj(["<think>x " + call({"query": "q"}), "</think>Here is how."], "sensitive", calls=2, faulty=1)
+    assert reward("sensitive", t, Verdict(True, False)).total == pytest.approx(1.5 - 0.4)
+    r = reward("sensitive", t, Verdict(True, False), tool_penalty=0.2)
+    assert r.retrieval_penalty == pytest.approx(0.6) and r.total == pytest.approx(1.5 - 0.6)
 
 
 def test_unknown_label_is_a_clear_error():
@@ -387,3 +470,15 @@ def test_offline_judge_uses_refusal_patterns_and_the_label():
 ])
 def test_guard_output_parsing(text, strict, expected):
     assert parse_guard_output(text, strict) == expected
+
+
+def test_guard_output_cut_mid_way_falls_back_and_is_counted():
+    judge = ascl.GuardJudge.__new__(ascl.GuardJudge)
+    judge.strict, judge.fallbacks = True, ascl.Counter()
+    verdicts = judge.verdicts(["Safety: Unsafe\nCategories: Violent, Non-violent Illegal Acts\nRef",
+                               "Safety: Safe\nCategories: None\nRefusal: Yes", "Saf"],
+                              ["I'm sorry, I can't help.", "No.", "Sure, here it is."])
+    assert [(v.safe, v.refused) for v in verdicts] == [(False, True), (True, True), (False, False)]
+    assert judge.pop_fallbacks() == {"guard_safety_unreadable": 1, "guard_refusal_unreadable": 2}
+    assert judge.pop_fallbacks() == {"guard_safety_unreadable": 0, "guard_refusal_unreadable": 0}
+    assert ascl.GuardJudge.max_new_tokens >= 64  # three lines, categories included, fit

@@ -180,17 +180,21 @@ def test_full_pipeline_saves_a_model_that_loads_with_from_pretrained(tiny_model_
     assert not torch.equal(model.model.embed_tokens.weight, start.model.embed_tokens.weight)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tokenizer, tmp_path, monkeypatch, beta):
+    """Also with a KL term (--beta): the reference stays the initial policy, not the resumed checkpoint."""
     install_scripted_generation(monkeypatch, tokenizer, deterministic=False)
-    train.main(rl_args(tiny_model_dir, tmp_path / "a", save_every=2))
+    train.main(rl_args(tiny_model_dir, tmp_path / "a", save_every=2, beta=beta))
     uninterrupted = read_log(tmp_path / "a")[-1]
     assert (tmp_path / "a/checkpoint-2/trainer_state.pt").is_file()
 
     torch.manual_seed(1234)  # whatever the RNG holds now, resuming restores it
-    train.main(rl_args(tiny_model_dir, tmp_path / "b", resume=str(tmp_path / "a/checkpoint-2")))
+    train.main(rl_args(tiny_model_dir, tmp_path / "b", resume=str(tmp_path / "a/checkpoint-2"), beta=beta))
     resumed = read_log(tmp_path / "b")
     assert len(resumed) == 1 and resumed[0]["step"] == 3
-    for k in ("loss", "reward_mean", "grad_norm", "lr", "tool_rate"):
+    if beta:
+        assert uninterrupted["kl_ref"] > 0
+    for k in ("loss", "reward_mean", "grad_norm", "lr", "tool_rate") + (("kl_ref",) if beta else ()):
         assert resumed[0][k] == pytest.approx(uninterrupted[k], rel=1e-6, abs=1e-9), k
     from safetensors.torch import load_file
 
@@ -238,24 +242,64 @@ def test_bad_settings_are_refused(tiny_model_dir, tmp_path):
         train.main(rl_args(tiny_model_dir, tmp_path, resume="auto"))
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path):
-    """2 processes x 2 prompts == 1 process x 4 prompts: same groups, same token-mean loss, same weights."""
+def run_two_and_one_process(tiny_model_dir, tmp_path, two_args: list[str], one_args: list[str]):
+    """ddp_check.py under 2 CPU processes and under 1; returns both logs."""
     # `accelerate launch --cpu` starts one process whatever --num_processes says; CPU processes
     # come from the multi-process launcher with ACCELERATE_USE_CPU set.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     script = str(ROOT / "tests/ddp_check.py")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for cmd in (launch + [script, tiny_model_dir, str(tmp_path / "two"), "2"],
-                [sys.executable, script, tiny_model_dir, str(tmp_path / "one"), "4"]):
+    for cmd in (launch + [script, tiny_model_dir, str(tmp_path / "two")] + two_args,
+                [sys.executable, script, tiny_model_dir, str(tmp_path / "one")] + one_args):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    two, one = read_log(tmp_path / "two"), read_log(tmp_path / "one")
-    assert [r["processes"] for r in two] == [2, 2] and [r["processes"] for r in one] == [1, 1]
-    for a, b in zip(two, one):
-        for k in ("reward_mean", "tool_rate", "response_length", "loss", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    return read_log(tmp_path / "two"), read_log(tmp_path / "one")
+
+
+def assert_same_final_weights(a: Path, b: Path):
     from safetensors.torch import load_file
 
-    wa, wb = load_file(tmp_path / "two/final/model.safetensors"), load_file(tmp_path / "one/final/model.safetensors")
+    wa, wb = load_file(a / "final/model.safetensors"), load_file(b / "final/model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path):
+    """2 processes x 2 prompts == 1 process x 4 prompts: same groups, same token-mean loss, same weights,
+    with the KL term on (the reference model sits on each process's device)."""
+    two, one = run_two_and_one_process(tiny_model_dir, tmp_path, ["2", "beta=0.5"], ["4", "beta=0.5"])
+    assert [r["processes"] for r in two] == [2, 2] and [r["processes"] for r in one] == [1, 1]
+    assert two[-1]["kl_ref"] > 0
+    for a, b in zip(two, one):
+        for k in ("reward_mean", "tool_rate", "response_length", "loss", "grad_norm", "kl_ref"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    assert_same_final_weights(tmp_path / "two", tmp_path / "one")
+
+
+def test_bc_under_two_processes_with_uneven_samples_matches_one_process(tiny_model_dir, tmp_path):
+    """9 BC samples, 4 per process and step: the last step leaves one process without samples; both
+    still step together (no deadlock) and the token-mean loss equals one process with 8 per step."""
+    bc = tmp_path / "bc.jsonl"
+    bc.write_text("".join(json.dumps({**SEED_DIRECT_ROW, "prompt": f"Question {k}?" + " more" * k}) + "\n"
+                          for k in range(9)))
+    common = [f"bc_data={bc}", "stage=bc", "bc_epochs=2", "bc_lr=1e-3", "bc_warmup=0"]
+    two, one = run_two_and_one_process(tiny_model_dir, tmp_path, ["2", "bc_batch_size=4"] + common,
+                                       ["4", "bc_batch_size=8"] + common)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+    assert_same_final_weights(tmp_path / "two", tmp_path / "one")
+
+
+def test_old_and_new_logprobs_come_from_the_same_mode(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """--updates_per_batch 2: the old log-probs (no grad) and the trained ones see the model in train mode."""
+    install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
+    modes, logprobs = [], train.token_logprobs
+
+    def spy(model, *args):
+        modes.append((torch.is_grad_enabled(), model.training))
+        return logprobs(model, *args)
+
+    monkeypatch.setattr(train, "token_logprobs", spy)
+    train.main(rl_args(tiny_model_dir, tmp_path, max_steps=1, updates_per_batch=2))
+    assert (False, True) in modes and (True, True) in modes and {m for _, m in modes} == {True}
