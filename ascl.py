@@ -25,6 +25,8 @@ from typing import Protocol
 
 import torch
 
+import decoding
+
 HERE = Path(__file__).resolve().parent
 RULES_PATH = HERE / "rules.json"
 TOOL_NAME = "retrieve_policy"
@@ -354,8 +356,9 @@ class Trajectory:
         return msgs
 
 
-DECODE_CHUNK = 16  # tokens per generate call before finished rows leave the batch
-REUSE_KV = True  # a turn after a tool call continues from the KV cache of the conversation so far
+# How turns are decoded: decoding.TurnDecoder (continuous batching, KV caches reused across
+# turns) or decoding.ReferenceDecoder (one plain `generate` per batch); same greedy tokens.
+DECODER = decoding.TurnDecoder
 
 
 def rollout(
@@ -375,15 +378,23 @@ def rollout(
 ) -> list[Trajectory]:
     """Generate len(prompts) * group_size multi-turn rollouts, grouped by prompt.
 
-    Round r generates one turn for every rollout still going; rollouts whose turn
-    called the tool get the tool turn appended (as ids) and go on to round r+1,
-    the others are done. Output i belongs to prompt i // group_size. Limits:
+    Each rollout: the model writes a turn; if it called the tool, the results are appended as
+    a tool turn (ids, mask 0) and the model writes the next turn; otherwise it is done. Output
+    i belongs to prompt i // group_size. Limits:
     - each turn stops at max_new_tokens, and each rollout at max_total_tokens (its own
       budget: a long conversation in the batch does not cut the others short);
     - at most max_tool_calls calls are executed per rollout: a turn whose calls would go
       past the cap ends the rollout truncated, none of them executed (no answer, so
       P_f = 0); top_k is clamped to 1..20 when a call is parsed;
     - a tool turn that leaves no room to answer is not appended: truncated.
+
+    Worked example (ids made up; E = end of turn, pad == E in SmolLM2, so the mask comes
+    from lengths, never from token values):
+        prompt ids        [s s u u a]                   mask [0 0 0 0 0]
+        turn 1 (a call)   [t t c c E]                   mask [1 1 1 1 1]   the model wrote these
+        tool turn + glue  [g r r r g a]                 mask [0 0 0 0 0 0]
+        turn 2 (answer)   [t x x E]                     mask [1 1 1 1]
+        input_ids = the four concatenated; action_mask marks turn 1 and turn 2, E included.
     """
     if len(prompts) != len(labels):
         raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
@@ -393,181 +404,37 @@ def rollout(
         if len(ids) >= max_total_tokens:
             raise ValueError(f"prompt is {len(ids)} tokens, over max_total_tokens={max_total_tokens}: {p[:80]!r}")
         trajs += [Trajectory(p, y, list(ids), [0] * len(ids)) for _ in range(group_size)]
-
-    def calls_left(i: int) -> int:
-        return max_tool_calls - sum(len(r) for r in trajs[i].tool_results)
-
-    active, prefix = list(range(len(trajs))), {}  # prefix: rollout -> KV cache of its conversation so far
-    if REUSE_KV and group_size > 1:  # a group shares its prompt: prefill it once, not group_size times
-        shared = _prefill(model, [trajs[i].input_ids[:-1] for i in range(0, len(trajs), group_size)], chat.pad_id,
-                          batch_size)
-        if shared is not None:
-            prefix = {i: shared[i // group_size] for i in range(len(trajs))}
-    while active:
-        kv: dict[int, list] = {}
-        # keep the KV cache of at most one batch of conversations between rounds (bounds memory)
-        kv_room = batch_size or len(active)
-        new_ids = _generate(model, chat, [trajs[i].input_ids for i in active], max_new_tokens,
-                            max_total_tokens, do_sample, temperature, top_p, batch_size,
-                            prefixes=[prefix.pop(i, None) for i in active], kv_out=kv if REUSE_KV else None,
-                            wants_kv=lambda j, gen: len(kv) < kv_room and 0 < chat.tokenizer.decode(gen).count(
-                                "<tool_call>") <= calls_left(active[j]))  # a turn that will get a tool turn
-        still_going = []
-        for j, (i, gen) in enumerate(zip(active, new_ids)):
-            t = trajs[i]
-            ended = bool(gen) and gen[-1] == chat.end_of_turn_id
-            t.input_ids += gen
-            t.action_mask += [1] * len(gen)
-            text = chat.tokenizer.decode(gen[:-1] if ended else gen, skip_special_tokens=False)
-            t.turns.append(text)
-            if not ended:
-                t.truncated = True
-                continue
-            calls = parse_tool_calls(text)
-            if not calls:
-                continue
-            t.num_tool_calls += len(calls)
-            t.faulty_calls += sum(c.error is not None for c in calls)
-            t.syntax_error |= any(c.syntax_error for c in calls)
-            if len(calls) > calls_left(i):
-                t.truncated = True  # past --max_tool_calls: nothing executed, the rollout ends
-                continue
-            results = run_tool_calls(calls, rule_book)
-            glue = chat.tool_turn_ids(results)
-            if len(t.input_ids) + len(glue) >= max_total_tokens:
-                t.truncated = True  # the tool turn is not appended: no room to answer after it
-                continue
-            t.tool_results.append(results)
-            t.input_ids += glue
-            t.action_mask += [0] * len(glue)
-            still_going.append(i)
-            if j in kv:  # the next turn only prefills the tool turn, not the whole conversation again
-                prefix[i] = kv.pop(j)
-        active = still_going
+    decoder = DECODER(model, chat.end_of_turn_id, chat.pad_id, decoding.Sampling(
+        max_new_tokens, max_total_tokens, do_sample, temperature, top_p, batch_size))
+    for i, t in enumerate(trajs):
+        decoder.add(i, t.input_ids)
+    for i, new in decoder.turns():  # turns come back as they end; a tool call queues the next one
+        t = trajs[i]
+        ended = bool(new) and new[-1] == chat.end_of_turn_id
+        t.input_ids += new
+        t.action_mask += [1] * len(new)
+        t.turns.append(chat.tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False))
+        calls = parse_tool_calls(t.turns[-1]) if ended else []
+        t.truncated = not ended
+        if not calls:
+            continue
+        executed = sum(len(r) for r in t.tool_results)
+        t.num_tool_calls += len(calls)
+        t.faulty_calls += sum(c.error is not None for c in calls)
+        t.syntax_error |= any(c.syntax_error for c in calls)
+        if executed + len(calls) > max_tool_calls:
+            t.truncated = True  # past --max_tool_calls: nothing executed, the rollout ends
+            continue
+        results = run_tool_calls(calls, rule_book)
+        glue = chat.tool_turn_ids(results)
+        if len(t.input_ids) + len(glue) >= max_total_tokens:
+            t.truncated = True  # the tool turn is not appended: no room to answer after it
+            continue
+        t.tool_results.append(results)
+        t.input_ids += glue
+        t.action_mask += [0] * len(glue)
+        decoder.add(i, t.input_ids)
     return trajs
-
-
-@torch.inference_mode()
-def _prefill(model, contexts: list[list[int]], pad_id: int, batch_size: int | None = None):
-    """The KV cache of each context, per layer (keys, values), each (heads, len, head_dim); None
-    if the model's cache is not a plain per-layer KV list (then nothing is reused)."""
-    from transformers.cache_utils import DynamicLayer
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    batch_size = batch_size or len(contexts)
-    for s in range(0, len(contexts), batch_size):
-        batch = contexts[s:s + batch_size]
-        T = max(len(c) for c in batch)
-        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), T), dtype=torch.long)
-        for row, c in enumerate(batch):  # left padding; positions count real tokens only
-            ids[row, T - len(c):], attention[row, T - len(c):] = torch.tensor(c), 1
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        cache = model(input_ids=ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-                      use_cache=True, logits_to_keep=1).past_key_values
-        if not all(type(layer) is DynamicLayer for layer in cache.layers):
-            model.train(was_training)
-            return None
-        out += [[(layer.keys[row][:, T - len(c):], layer.values[row][:, T - len(c):]) for layer in cache.layers]
-                for row, c in enumerate(batch)]
-    model.train(was_training)
-    return out
-
-
-@torch.inference_mode()
-def _generate(model, chat, contexts, max_new_tokens, max_total_tokens, do_sample, temperature, top_p, batch_size,
-              chunk=None, prefixes=None, kv_out=None, wants_kv=None):
-    """One turn for each context: the new ids, cut after the first end-of-turn token.
-
-    Two things keep this close to one plain `generate` over the same tokens:
-    - Finished rows leave the batch. One generate call decodes every row until its last
-      row ends (turns of 5 and 60 tokens cost 2 x 60 row-steps), so generate runs `chunk`
-      tokens at a time, continuing from its own KV cache, and rows that ended are dropped
-      (cache rows included) between calls.
-    - No second prefill of a conversation. prefixes[i], if given, is the KV cache of
-      contexts[i]'s first tokens (from an earlier call, per layer (keys, values), each
-      (heads, length, head_dim)); only the rest of the context is prefilled. Rows are laid
-      out as [pad | cached prefix | pad | new context] with the pads masked out: positions
-      follow the attention mask, so holes change nothing. If kv_out is a dict, the cache of
-      every row that ended its turn and for which wants_kv(i, new ids) is true is stored in
-      kv_out[i], covering contexts[i] + new ids except the last (the end-of-turn token).
-    Models whose cache is not a plain per-layer KV list (sliding windows, linear attention)
-    get no prefix reuse: their contexts are prefilled whole.
-    """
-    from transformers import DynamicCache, GenerationConfig
-    from transformers.cache_utils import DynamicLayer
-
-    chunk = chunk or DECODE_CHUNK
-    prefixes = prefixes or [None] * len(contexts)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths share a batch
-    batch_size = batch_size or len(contexts)
-    out: list[list[int]] = [[] for _ in contexts]
-    budget = [min(max_new_tokens, max_total_tokens - len(c)) for c in contexts]  # each row its own
-    order = [i for i in order if budget[i] > 0]  # no room for one token: left empty, truncated by the caller
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        cached = [0 if prefixes[i] is None else prefixes[i][0][0].shape[1] for i in idx]
-        C, S = max(cached), max(len(contexts[i]) - c for i, c in zip(idx, cached))
-        seqs = torch.full((len(idx), C + S), chat.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), C + S), dtype=torch.long)
-        for row, (i, c) in enumerate(zip(idx, cached)):  # [pad | cached prefix | pad | rest of the context]
-            rest = contexts[i][c:]
-            seqs[row, C - c:C], seqs[row, C + S - len(rest):] = torch.tensor(contexts[i][:c], dtype=torch.long), torch.tensor(rest)
-            attention[row, C - c:C] = attention[row, C + S - len(rest):] = 1
-        cache = None
-        if C:
-            layers = []
-            for layer in range(len(next(p for p in (prefixes[i] for i in idx) if p is not None))):
-                kv = []
-                for part in (0, 1):
-                    ref = next(prefixes[i][layer][part] for i in idx if prefixes[i] is not None)
-                    full = ref.new_zeros((len(idx), ref.shape[0], C, ref.shape[2]))
-                    for row, (i, c) in enumerate(zip(idx, cached)):
-                        if c:
-                            full[row, :, C - c:] = prefixes[i][layer][part]
-                    kv.append(full)
-                layers.append(tuple(kv))
-            cache = DynamicCache(layers, config=model.config)
-        seqs, attention, written, start = seqs.to(device), attention.to(device), 0, C + S
-        while idx:
-            step = min(chunk, min(budget[i] for i in idx) - written)  # no row writes past its budget
-            config = GenerationConfig(
-                max_new_tokens=step, do_sample=do_sample, temperature=temperature if do_sample else None,
-                top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
-                eos_token_id=chat.end_of_turn_id, pad_token_id=chat.pad_id, return_dict_in_generate=True,
-            )
-            res = model.generate(input_ids=seqs, attention_mask=attention, past_key_values=cache,
-                                 generation_config=config)
-            new = res.sequences.shape[1] - seqs.shape[1]
-            seqs, cache, written = res.sequences, res.past_key_values, written + new
-            attention = torch.cat([attention, attention.new_ones((len(idx), new))], 1)
-            ended = (seqs[:, seqs.shape[1] - new:] == chat.end_of_turn_id).any(1).tolist()
-            plain_kv = kv_out is not None and all(type(layer) is DynamicLayer for layer in cache.layers)
-            keep = []
-            for row, i in enumerate(idx):
-                if not (ended[row] or written >= budget[i]):
-                    keep.append(row)
-                    continue
-                gen = seqs[row, start:].tolist()
-                if ended[row]:  # the turn ends at the first end-of-turn; the rest is padding
-                    gen = gen[: gen.index(chat.end_of_turn_id) + 1]
-                    if plain_kv and wants_kv is not None and wants_kv(i, gen):
-                        cols = attention[row, : start + len(gen) - 1].nonzero().squeeze(1)
-                        kv_out[i] = [(layer.keys[row][:, cols], layer.values[row][:, cols]) for layer in cache.layers]
-                out[i] = gen
-            if len(keep) < len(idx) and keep:  # finished rows leave the batch and the cache
-                rows = torch.tensor(keep, device=device)
-                seqs, attention = seqs[rows], attention[rows]
-                cache.batch_select_indices(rows)
-            idx = [idx[row] for row in keep]
-    model.train(was_training)
-    return out
 
 
 # ----------------------------------------------------------------------------- 5. reward (Eq. 1)

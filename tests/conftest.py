@@ -83,27 +83,37 @@ SCRIPTS = [  # first turns; a tool call is answered by TOOL_FOLLOW_UP
 TOOL_FOLLOW_UP = "The rules do not cover this.</think>\nHere is a helpful answer."
 
 
+def install_decoder(monkeypatch, write):
+    """Decode by script: write(context_ids, j) -> the turn's ids, j = the row in its batch. Turns
+    are cut at their budget and first end-of-turn as real decoding cuts them."""
+    import decoding
+
+    class Scripted(decoding.ReferenceDecoder):
+        def _generate(self, contexts):
+            return [decoding.cut(write(c, j), self.budget(c), self.eot) for j, c in enumerate(contexts)]
+
+    monkeypatch.setattr(ascl, "DECODER", Scripted)
+
+
 def install_scripted_generation(monkeypatch, tokenizer, deterministic: bool):
-    """Replace ascl._generate: turn 1 is one of SCRIPTS, chosen by the torch RNG or, when
-    deterministic, by (prompt, rollout index in its group); a tool call gets TOOL_FOLLOW_UP."""
+    """Turn 1 is one of SCRIPTS, chosen by the torch RNG or, when deterministic, by (prompt,
+    rollout index in the batch); a tool call gets TOOL_FOLLOW_UP."""
     import zlib
 
-    def fake_generate(model, chat, contexts, *args, **kwargs):
-        out = []
-        for j, ctx in enumerate(contexts):
-            text = tokenizer.decode(ctx)
-            if text.count("<|im_start|>assistant") > 1:
-                turn = TOOL_FOLLOW_UP
-            elif deterministic:
-                prompt = text.split("<|im_start|>user\n")[1]
-                turn = SCRIPTS[(zlib.crc32(prompt.encode()) + j) % len(SCRIPTS)]
-            else:
-                turn = SCRIPTS[int(torch.randint(len(SCRIPTS), (1,)))]
-            out.append(chat.encode(turn) + [chat.end_of_turn_id])
-        return out
+    eot = tokenizer.eos_token_id
 
-    monkeypatch.setattr(ascl, "_generate", fake_generate)
-    monkeypatch.setattr(ascl, "_prefill", lambda *args: None)  # no model behind the script
+    def write(ctx, j):
+        text = tokenizer.decode(ctx)
+        if text.count("<|im_start|>assistant") > 1:
+            turn = TOOL_FOLLOW_UP
+        elif deterministic:
+            prompt = text.split("<|im_start|>user\n")[1]
+            turn = SCRIPTS[(zlib.crc32(prompt.encode()) + j) % len(SCRIPTS)]
+        else:
+            turn = SCRIPTS[int(torch.randint(len(SCRIPTS), (1,)))]
+        return tokenizer(turn, add_special_tokens=False)["input_ids"] + [eot]
+
+    install_decoder(monkeypatch, write)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import ascl
-from conftest import make_tiny_model
+import decoding
+from conftest import install_decoder, make_tiny_model
 from ascl import ChatFormat, OfflineJudge, Trajectory, Verdict, parse_guard_output, parse_tool_calls, reward
 
 CATEGORIES = [
@@ -154,18 +155,14 @@ def test_chat_format_needs_a_chat_template(tokenizer):
 
 # ----------------------------------------------------------------------------- rollout
 def scripted(chat, script, monkeypatch):
-    """Replace generation: each prompt's k-th turn is script[prompt][k] (+ end of turn)."""
-    def fake_generate(model, chat_, contexts, max_new_tokens, max_total_tokens, *args, **kwargs):
-        out = []
-        for ctx in contexts:
-            text = chat.tokenizer.decode(ctx)
-            prompt = next(p for p in script if p in text)
-            k = text.count("<|im_start|>assistant") - 1
-            gen = chat.encode(script[prompt][k]) + [chat.end_of_turn_id]
-            out.append(gen[: min(max_new_tokens, max_total_tokens - len(ctx))])
-        return out
-    monkeypatch.setattr(ascl, "_generate", fake_generate)
-    monkeypatch.setattr(ascl, "_prefill", lambda *args: None)  # no model behind the script
+    """Replace decoding: each prompt's k-th turn is script[prompt][k] (+ end of turn)."""
+    def write(ctx, j):
+        text = chat.tokenizer.decode(ctx)
+        prompt = next(p for p in script if p in text)
+        k = text.count("<|im_start|>assistant") - 1
+        return chat.encode(script[prompt][k]) + [chat.end_of_turn_id]
+
+    install_decoder(monkeypatch, write)
 
 
 def test_rollout_runs_the_tool_and_masks_only_what_the_model_wrote(tokenizer, rule_book, monkeypatch):
@@ -281,9 +278,9 @@ def test_rollout_with_a_real_model_left_pads_correctly_and_trains_the_eos(tokeni
         assert t.truncated == (gen[-1] != eot)
 
 
-def test_chunked_decoding_drops_finished_rows_and_changes_no_token(tokenizer):
-    """_generate decodes `chunk` tokens per generate call and drops rows that ended: greedy output
-    equals one unchunked call and each context generated alone, while the batch shrinks."""
+def test_continuous_batching_drops_finished_rows_and_changes_no_token(tokenizer):
+    """TurnDecoder decodes `chunk` steps between batch changes, dropping rows that ended and letting
+    queued turns join: greedy output equals the reference (one plain generate) and each context alone."""
     chat = ChatFormat(tokenizer)
     model = make_tiny_model(len(tokenizer))
     rows_seen = []
@@ -295,19 +292,26 @@ def test_chunked_decoding_drops_finished_rows_and_changes_no_token(tokenizer):
 
     model.register_forward_hook(end_on_positions, with_kwargs=True)
     contexts = [chat.prompt_ids(p) for p in ["Hi", "Tell me about locks", "What is 2+2?", "Write a poem", "x" * 30, "Why?"]]
-    gen = lambda ctx, chunk: ascl._generate(model, chat, ctx, 20, 4096, False, 1.0, 1.0, None, chunk=chunk)  # noqa: E731
-    chunked = gen(contexts, 3)
-    assert len({len(g) for g in chunked}) > 2 and all(g[-1] == chat.end_of_turn_id for g in chunked)
-    assert min(rows_seen) < len(contexts)  # finished rows left the batch
+
+    def run(decoder, contexts, **kw):
+        d = decoder(model, chat.end_of_turn_id, chat.pad_id, decoding.Sampling(20, 4096, do_sample=False, **kw))
+        for i, c in enumerate(contexts):
+            d.add(i, c)
+        return [new for _, new in sorted(d.turns())]
+
     rows_seen.clear()
-    assert chunked == gen(contexts, 100)
-    assert min(rows_seen) == len(contexts)  # one call: generate keeps every row to the end
-    assert chunked == [gen([c], 100)[0] for c in contexts]
+    fast = run(decoding.TurnDecoder, contexts, batch_size=4)
+    steps = [n for n in rows_seen if n <= 4]  # decode steps (prefills run one row at a time)
+    assert len({len(g) for g in fast}) > 2 and all(g[-1] == chat.end_of_turn_id for g in fast)
+    assert 4 in steps and min(steps) < 4  # queued turns joined a full batch; finished rows left it
+    assert fast == run(decoding.ReferenceDecoder, contexts)
+    assert fast == [run(decoding.ReferenceDecoder, [c])[0] for c in contexts]
 
 
 def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenizer, rule_book, monkeypatch):
     """A turn after a tool call prefills only the tool turn, continuing from the conversation's KV
-    cache (rows laid out with masked holes); greedy rollouts equal those that prefill everything."""
+    cache; a group's shared prompt is prefilled once; greedy rollouts equal the reference decoder's,
+    and at most one batch of caches is kept between turns."""
     chat = ChatFormat(tokenizer)
     model = make_tiny_model(len(tokenizer))
     prefilled = []
@@ -319,54 +323,41 @@ def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenize
 
     model.register_forward_hook(end_on_positions, with_kwargs=True)
     # every turn counts as a tool call (a random model writes none), so every rollout takes 3 turns;
-    # queries (so tool turns) of different lengths leave masked holes between cached and new tokens
+    # queries (so tool turns) of different lengths give rows of different lengths
     queries = None
     monkeypatch.setattr(ascl, "parse_tool_calls", lambda text: [ascl.ToolCall(*next(queries))])
     monkeypatch.setattr(chat.tokenizer, "decode", lambda ids, **kw: "<tool_call>")
     prompts = ["Hi", "Tell me about locks please. " * 6, "What is 2+2?" * 12]
+    kept = []
+    add = decoding.TurnDecoder.add
 
-    def run():
+    def spy(self, key, context):
+        kept.append(len(self.kept))
+        return add(self, key, context)
+
+    monkeypatch.setattr(decoding.TurnDecoder, "add", spy)
+
+    def run(batch_size=None):
         nonlocal queries
         queries = itertools.cycle([("weapons", 1), ("home address of a neighbour", 3), ("bank", 2), ("lock picking", 1)])
         return ascl.rollout(model, chat, rule_book, prompts, ["benign"] * 3, group_size=2, max_new_tokens=20,
-                            max_total_tokens=4096, max_tool_calls=2, do_sample=False)
+                            max_total_tokens=4096, max_tool_calls=2, do_sample=False, batch_size=batch_size)
 
     reused = run()
     tokens_reused = sum(prefilled)
-    assert all(len(t.tool_results) == 2 and len(t.turns) == 3 for t in reused), [(t.num_tool_calls, len(t.tool_results), len(t.turns), t.truncated) for t in reused]
+    assert all(len(t.tool_results) == 2 and len(t.turns) == 3 for t in reused)
     assert len({len(t.input_ids) for t in reused}) > 1  # rows of different lengths share batches
     assert len({len("".join(t.tool_results[0])) for t in reused}) > 1  # and tool turns of different lengths
-    monkeypatch.setattr(ascl, "REUSE_KV", False)
+    assert max(kept) > 0  # caches were kept for the next turn
+    kept.clear()
+    assert [t.input_ids for t in run(batch_size=2)] == [t.input_ids for t in reused]
+    assert max(kept) <= 2  # never more than one batch of them
+    monkeypatch.setattr(ascl, "DECODER", decoding.ReferenceDecoder)
     prefilled.clear()
     again = run()
     assert [t.input_ids for t in reused] == [t.input_ids for t in again]
     assert [t.action_mask for t in reused] == [t.action_mask for t in again]
     assert tokens_reused < sum(prefilled)  # fewer tokens went through the model
-
-
-def test_kv_caches_kept_between_turns_are_bounded_by_the_batch_size(tokenizer, rule_book, monkeypatch):
-    """With --rollout_batch_size 2, at most 2 conversations keep their KV cache for the next turn."""
-    chat = ChatFormat(tokenizer)
-    model = make_tiny_model(len(tokenizer))
-    monkeypatch.setattr(ascl, "parse_tool_calls", lambda text: [ascl.ToolCall("weapons", 1)])
-    monkeypatch.setattr(chat.tokenizer, "decode", lambda ids, **kw: "<tool_call>")
-    def end_every_turn(module, args, kwargs, out):
-        out.logits[:, -1, chat.end_of_turn_id] += 100.0 * (kwargs["position_ids"][:, -1] % 5 == 0)
-        return out
-
-    model.register_forward_hook(end_every_turn, with_kwargs=True)
-    kept, generate = [], ascl._generate
-
-    def spy(*args, **kwargs):
-        out = generate(*args, **kwargs)
-        kept.append(len(kwargs["kv_out"]))
-        return out
-
-    monkeypatch.setattr(ascl, "_generate", spy)
-    trajs = ascl.rollout(model, chat, rule_book, ["Hi", "Why?", "How?"], ["benign"] * 3, group_size=2,
-                         max_new_tokens=8, max_tool_calls=1, do_sample=False, batch_size=2)
-    assert all(len(t.tool_results) == 1 for t in trajs)  # all 6 rollouts went on to a second turn
-    assert kept[0] == 2
 
 
 # ----------------------------------------------------------------------------- reward (Eq. 1)

@@ -6,6 +6,7 @@ import pytest
 
 import ascl
 import eval as ev
+from conftest import install_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -232,21 +233,21 @@ def test_scores_come_from_verdicts_answers_and_tool_calls(tiny_model_dir, tmp_pa
     """Scripted model: harmful -> tool call then refusal; benign -> helpful answer; math -> 'Answer: 27'."""
     harmful = [r["prompt"] for r in ev.load_benchmark(str(ROOT / "data/eval_harmful.jsonl"), limit=2)]
 
-    def scripted_generate(model, chat, contexts, *args, **kwargs):
-        out = []
-        for ctx in contexts:
-            text = chat.tokenizer.decode(ctx)
-            if text.count("<|im_start|>assistant") > 1:
-                turn = REFUSAL_TURN
-            elif ev.MATH_INSTRUCTION.strip() in text:
-                turn = MATH_TURN
-            else:
-                turn = TOOL_TURN if any(p in text for p in harmful) else HELPFUL_TURN
-            out.append(chat.encode(turn) + [chat.end_of_turn_id])
-        return out
+    from transformers import AutoTokenizer
 
-    monkeypatch.setattr(ascl, "_generate", scripted_generate)
-    monkeypatch.setattr(ascl, "_prefill", lambda *args: None)  # no model behind the script
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def write(ctx, j):
+        text = tok.decode(ctx)
+        if text.count("<|im_start|>assistant") > 1:
+            turn = REFUSAL_TURN
+        elif ev.MATH_INSTRUCTION.strip() in text:
+            turn = MATH_TURN
+        else:
+            turn = TOOL_TURN if any(p in text for p in harmful) else HELPFUL_TURN
+        return tok(turn, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    install_decoder(monkeypatch, write)
     out = tmp_path / "eval"
     ev.main(ev.Args(model=[tiny_model_dir], output_dir=str(out), limit=2, math_samples=2))
     results, samples = read_outputs(out, tiny_model_dir)
@@ -259,9 +260,6 @@ def test_scores_come_from_verdicts_answers_and_tool_calls(tiny_model_dir, tmp_pa
     assert all(x["missing_answer_rate"] == 0.0 for x in b.values())
 
     # response length counts the model's own tokens (both turns + end-of-turn), not the tool turn
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     own = len(tok(TOOL_TURN, add_special_tokens=False)["input_ids"]) + len(tok(REFUSAL_TURN, add_special_tokens=False)["input_ids"]) + 2
     assert b["eval_harmful"]["mean_response_length"] == own
     tool_sample = next(s for s in samples if s["benchmark"] == "eval_harmful")
