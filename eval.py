@@ -19,7 +19,11 @@ with the same columns as the hub set), or a local file in the bundled schema, on
     {"prompt": str, "label": "harmful" | "benign" | "math", "answer": str (math only: the gold answer)}
 One label per file. .csv and .tsv files with the same columns work too.
 
-Outputs: OUTPUT_DIR/results.json (the table) and OUTPUT_DIR/samples-<model>.jsonl (every rollout).
+Prompts that leave no room for one full turn (max_total_tokens - max_new_tokens tokens, with the system
+prompt) are dropped with a printed count; the same prompts are kept for every model.
+
+Outputs: OUTPUT_DIR/results.json (the table) and OUTPUT_DIR/samples-<model>.jsonl (every rollout), both
+rewritten after each benchmark, so a failure later keeps what was scored ("complete": false until the end).
 """
 from __future__ import annotations
 
@@ -165,7 +169,8 @@ def map_rows(rows: list[dict], spec: Benchmark, source: str) -> list[dict]:
 
 
 def check_rows(rows: list[dict], source: str) -> list[dict]:
-    """Every row well-formed and of one label; prompts stripped (OKTest's end in a newline)."""
+    """Every row well-formed (ascl.check_row: prompt and label) and of one label; prompts stripped
+    (OKTest's end in a newline)."""
     if not rows:
         raise SystemExit(f"{source} holds no rows (after filtering)")
     for n, r in enumerate(rows, 1):
@@ -173,11 +178,7 @@ def check_rows(rows: list[dict], source: str) -> list[dict]:
             if column not in r:
                 raise SystemExit(f"{source}: row {n} has no column {column!r}; each row needs prompt, label "
                                  f"(and answer when the label is math)")
-        if r["label"] not in LABELS:
-            raise SystemExit(f"{source}: row {n} has label {r['label']!r}; labels must be one of {list(LABELS)}")
-        if not isinstance(r["prompt"], str) or not r["prompt"].strip():
-            raise SystemExit(f"{source}: row {n} has an empty prompt")
-        r["prompt"] = r["prompt"].strip()
+        ascl.check_row(r, LABELS, f"{source}: row {n}")
         if r["label"] == "math":
             r["answer"] = str(r["answer"]).strip()
     labels = sorted({r["label"] for r in rows})
@@ -401,13 +402,39 @@ def model_tag(name: str) -> str:
 
 
 def check_settings(args: Args):
+    """Refuse, in one line, settings that would crash mid-run; before any data or model loads."""
     if args.math_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise SystemExit("--math_samples, --batch_size and --limit must be at least 1")
+    if not 0 < args.max_new_tokens < args.max_total_tokens:
+        raise SystemExit("--max_new_tokens must be at least 1 and below --max_total_tokens (a prompt needs room "
+                         "for one full turn)")
+    if args.max_tool_calls < 0:
+        raise SystemExit("--max_tool_calls must be 0 or more")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise SystemExit(f"--output_dir {args.output_dir} is a file; give a folder")
     if args.math_samples > 1 and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise SystemExit("sampling math answers needs --temperature > 0 and 0 < --top_p <= 1")
     tags = [model_tag(m) for m in args.model]
     if len(set(tags)) < len(tags):
         raise SystemExit(f"two --model entries share an output name: {args.model}")
+
+
+def fit_prompts(benchmarks: dict[str, list[dict]], chats: dict[str, ascl.ChatFormat], args: Args) -> dict:
+    """Over-long prompts dropped (ascl.drop_long_prompts, the rule train.py uses too) under every
+    model's tokenizer, so that every model answers the same prompts."""
+    for name, chat in chats.items():
+        for bench, rows in benchmarks.items():
+            suffix = MATH_INSTRUCTION if rows[0]["label"] == "math" else ""
+            benchmarks[bench] = ascl.drop_long_prompts(rows, chat, args.max_new_tokens, args.max_total_tokens,
+                                                       f"{bench} ({name})", suffix)
+    return benchmarks
+
+
+def save_results(out: Path, args: Args, results: dict, complete: bool):
+    """results.json, rewritten atomically after every benchmark: a later failure loses nothing scored.
+    "complete" is false until every model has answered every benchmark."""
+    ascl.write_atomic(out / "results.json", json.dumps({"settings": asdict(args), "complete": complete,
+                                                        "models": results}, indent=2))
 
 
 # ----------------------------------------------------------------------------- main
@@ -416,6 +443,8 @@ def main(args: Args) -> dict:
     args.data = args.data or DEFAULT_DATA
     check_settings(args)
     benchmarks = load_benchmarks(args.data, args.limit)  # bad data stops us before any model loads
+    chats = {name: ascl.ChatFormat(ascl.load_tokenizer(None if name == "embedded" else name)) for name in args.model}
+    benchmarks = fit_prompts(benchmarks, chats, args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -423,12 +452,11 @@ def main(args: Args) -> dict:
     rule_book = ascl.RuleBook.from_json()
 
     results = {}
-    for name in args.model:
+    for name, chat in chats.items():
         tqdm.write(f"loading {name}")
-        model, tokenizer = ascl.load_policy(None if name == "embedded" else name,
-                                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = ascl.load_model(None if name == "embedded" else name,
+                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         model.to(device)
-        chat = ascl.ChatFormat(tokenizer)
         set_seed(args.seed)  # every model sees the same sampling randomness
         scores, samples = {}, []
         for bench, rows in benchmarks.items():
@@ -436,15 +464,16 @@ def main(args: Args) -> dict:
                 s = evaluate(model, chat, rule_book, judge, bench, rows, args, bar)
             scores[bench] = score(s, rows[0]["label"], len(rows))
             samples += s
-        results[name] = summarise(scores)
-        with open(out / f"samples-{model_tag(name)}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+            results[name] = summarise(scores)
+            ascl.write_atomic(out / f"samples-{model_tag(name)}.jsonl",
+                              "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples))
+            save_results(out, args, results, complete=False)
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    (out / "results.json").write_text(json.dumps({"settings": asdict(args), "models": results}, indent=2))
+    save_results(out, args, results, complete=True)
     print(format_table(results))
     print(f"results -> {out / 'results.json'}, samples -> {out}/samples-*.jsonl")
     return results

@@ -95,15 +95,19 @@ HUB_PROMPTS = {
     "bench-llm/or-bench:or-bench-80k": ("or-bench-80k", "prompt", "sensitive"),
     "bench-llm/or-bench:or-bench-hard-1k": ("or-bench-hard-1k", "prompt", "sensitive"),
 }
+LABELS = ("harmful", "sensitive")
+LABEL_ALIASES = {"benign": "sensitive"}  # so eval-shaped files (harmful / benign) work as training data
 
 
 def load_rl_prompts(sources: list[str], harmful_fraction: float, max_prompts: int | None, seed: int) -> list[dict]:
     """{"prompt", "label"} rows from local JSONL files and known hub datasets, mixed so that
-    `harmful_fraction` of them are harmful (the larger pool is subsampled)."""
+    `harmful_fraction` of them are harmful (the larger pool is subsampled). Every local row is checked
+    (ascl.check_row); label "benign" is read as "sensitive"."""
     rows = []
     for src in sources:
         if src.endswith(".jsonl") or Path(src).exists():
-            rows += [{"prompt": r["prompt"], "label": r["label"]} for r in ascl.read_jsonl(src, ("prompt", "label"))]
+            rows += [ascl.check_row({"prompt": r["prompt"], "label": r["label"]}, LABELS, f"{src}: row {n}", LABEL_ALIASES)
+                     for n, r in enumerate(ascl.read_jsonl(src, ("prompt", "label")), 1)]
             continue
         if src not in HUB_PROMPTS:
             raise SystemExit(f"unknown RL data {src!r}: give a .jsonl file or one of {sorted(HUB_PROMPTS)}")
@@ -112,12 +116,9 @@ def load_rl_prompts(sources: list[str], harmful_fraction: float, max_prompts: in
         config, column, label = HUB_PROMPTS[src]
         ds = load_dataset(src.split(":")[0], config, split="train")
         rows += [{"prompt": p, "label": label} for p in ds[column] if isinstance(p, str) and p.strip()]
-    bad = {r["label"] for r in rows} - {"harmful", "sensitive", "benign"}
-    if bad:
-        raise SystemExit(f"RL data labels must be 'harmful' or 'sensitive', found {sorted(bad)}")
     rng = random.Random(seed)
     harmful = [r for r in rows if r["label"] == "harmful"]
-    sensitive = [r for r in rows if r["label"] != "harmful"]
+    sensitive = [r for r in rows if r["label"] == "sensitive"]
     if harmful and sensitive and 0 < harmful_fraction < 1:
         ratio = harmful_fraction / (1 - harmful_fraction)
         if len(harmful) > ratio * len(sensitive):
@@ -144,20 +145,48 @@ def seed_row_to_conversation(row: dict, rule_book: ascl.RuleBook) -> tuple[list[
     return turns, [[rule_book.retrieve_policy(row["query"])]]
 
 
+def check_seed_row(row: dict, where: str):
+    """A bundled-shape BC row: 'think' and 'answer' are non-empty text; a row that consults the rule
+    book has both 'query' and 'think_after', a direct answer has neither (absent, null or "")."""
+    def text(key):
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            raise SystemExit(f"{where}: {key!r} must be a string, not {value!r:.60}")
+        return bool(value and value.strip())
+
+    if not (text("think") and text("answer")):
+        raise SystemExit(f"{where}: 'think' and 'answer' must be non-empty text")
+    if text("query") != text("think_after"):
+        has, lacks = ("query", "think_after") if text("query") else ("think_after", "query")
+        raise SystemExit(f"{where}: has {has!r} but no {lacks!r}; a row that consults the rule book needs "
+                         f"both, a direct answer neither")
+
+
+def is_texts(x) -> bool:
+    return isinstance(x, list) and all(isinstance(t, str) for t in x)
+
+
 def load_bc_conversations(path: str, rule_book: ascl.RuleBook) -> list[dict]:
     """BC rows as {"prompt", "label", "turns", "tool_results"}: either that shape (written by
-    `--stage collect`) or the bundled seed shape (think / query / think_after / answer)."""
+    `--stage collect`) or the bundled seed shape (think / query / think_after / answer). Every row is
+    checked; an error names the row."""
     rows = ascl.read_jsonl(path, ("prompt", "label"))
     out = []
     for n, r in enumerate(rows, 1):
+        where = f"{path}: row {n}"
+        ascl.check_row(r, LABELS, where, LABEL_ALIASES)
         if "turns" in r:
             turns, results = r["turns"], r.get("tool_results", [])
+            if not (turns and is_texts(turns) and isinstance(results, list) and all(is_texts(x) for x in results)):
+                raise SystemExit(f"{where}: 'turns' must be a non-empty list of strings and 'tool_results' "
+                                 f"a list of lists of strings")
         elif "answer" in r and "think" in r:
+            check_seed_row(r, where)
             turns, results = seed_row_to_conversation(r, rule_book)
         else:
-            raise SystemExit(f"{path}:{n}: a BC row needs 'turns' (+ 'tool_results') or 'think' + 'answer'")
+            raise SystemExit(f"{where}: a BC row needs 'turns' (+ 'tool_results') or 'think' + 'answer'")
         if len(results) != len(turns) - 1:
-            raise SystemExit(f"{path}:{n}: {len(turns)} turns need {len(turns) - 1} tool results")
+            raise SystemExit(f"{where}: {len(turns)} turns need {len(turns) - 1} tool results")
         out.append({"prompt": r["prompt"], "label": r["label"], "turns": turns, "tool_results": results})
     return out
 
@@ -169,14 +198,19 @@ def bc_samples(chat: ascl.ChatFormat, conversations: list[dict], max_total_token
       [prompt | turn 1]                    mask 0..0 1..1
       [prompt | turn 1 | tool | turn 2]    mask 0..0 0..0 0..0 1..1
     """
-    samples = []
+    samples, too_long = [], 0
     for c in conversations:
         ids, _, spans = chat.encode_conversation(c["prompt"], c["turns"], c["tool_results"])
         for start, end in spans:
             if end <= max_total_tokens:
                 samples.append((ids[:end], [0] * start + [1] * (end - start)))
+            else:
+                too_long += 1
     if not samples:
-        raise SystemExit(f"no BC sample fits in max_total_tokens={max_total_tokens}")
+        raise SystemExit(f"no BC sample fits in max_total_tokens={max_total_tokens}; raise --max_total_tokens")
+    if too_long:
+        print(f"BC: dropped {too_long} of {len(samples) + too_long} samples longer than max_total_tokens="
+              f"{max_total_tokens}; raise --max_total_tokens to keep them")
     return samples
 
 
@@ -239,9 +273,68 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, folder: Path, st
     accelerator.wait_for_everyone()
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (missing or damaged weights or trainer state), or None.
+    Cheap: reads file headers, not the weights."""
+    if not (folder / "trainer_state.pt").is_file():
+        return "it holds no trainer_state.pt (not a complete checkpoint)"
+    if not any(folder.glob("*.safetensors")):
+        return "it holds no .safetensors weights"
+    problem = ascl.weights_problem(folder)
+    if problem:
+        return problem
+    try:
+        torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # a file cut short fails to open as a zip archive
+        return f"trainer_state.pt is damaged ({type(e).__name__}: {e})"
+    return None
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    done = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.pt").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    """The newest checkpoint in output_dir that can be resumed from; damaged ones are skipped, with a line."""
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for p in found:
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        if (p / "trainer_state.pt").is_file():  # complete once, damaged since: worth saying
+            print(f"skipping damaged checkpoint {p}: {problem}")
+    return None
+
+
+def resume_point(args: Args) -> tuple[Path | None, int | None]:
+    """--resume -> (checkpoint folder, its RL step), checked before anything loads; (None, None) if not resuming."""
+    if not args.resume:
+        return None, None
+    folder = latest_checkpoint(Path(args.output_dir)) if args.resume == "auto" else Path(args.resume)
+    if folder is None:
+        raise SystemExit(f"nothing to resume from: {args.output_dir!r} holds no complete checkpoint")
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise SystemExit(f"cannot resume from {folder}: {problem}; give an earlier checkpoint, or --resume auto "
+                         f"to take the newest complete one")
+    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+    return folder, state["step"]
+
+
+def start_log(output_dir: Path, resume_step: int | None):
+    """A fresh run starts a fresh log.jsonl; a resumed one keeps its rows up to the checkpoint's step,
+    so the steps redone are not logged twice (rewritten atomically)."""
+    path = output_dir / "log.jsonl"
+    if not path.exists():
+        return
+    if resume_step is None:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if not (row.get("stage") == "rl" and row.get("step", 0) > resume_step):
+            kept.append(line + "\n")
+    ascl.write_atomic(path, "".join(kept))
 
 
 def prune_checkpoints(output_dir: Path, keep: int):
@@ -295,7 +388,7 @@ def bc_batches(lengths: list[int], batch_size: int, rng: random.Random, group: i
     return batches
 
 
-def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, chat, rule_book):
+def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, chat, samples):
     """Next-token loss on the model's turns, token mean over each global batch.
 
     Every process builds the same global batches (bc_batch_size per process) and takes its
@@ -303,8 +396,6 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
     process left without samples in the last batch runs a zero-weight one (DDP needs every
     process in every backward).
     """
-    conversations = load_bc_conversations(args.bc_data, rule_book)
-    samples = bc_samples(chat, conversations, args.max_total_tokens)
     P, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = math.ceil(len(samples) / (args.bc_batch_size * P))
     total = steps_per_epoch * args.bc_epochs
@@ -464,11 +555,9 @@ def rl_step(args, accelerator, model, optimizer, scheduler, chat, rule_book, jud
             "processes": accelerator.num_processes}
 
 
-def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenizer, chat, rule_book, resume_from: Path | None):
-    prompts = load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
+def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenizer, chat, rule_book, resume_from: Path | None,
+                           prompts: list[dict]):
     global_batch = args.prompts_per_step * accelerator.num_processes
-    if len(prompts) < global_batch:
-        raise SystemExit(f"{len(prompts)} RL prompts, fewer than one step needs ({global_batch})")
     steps = int(args.epochs * (len(prompts) // global_batch))
     steps = min(steps, args.max_steps) if args.max_steps else steps
     judge = make_judge(args.judge, accelerator.device)
@@ -514,10 +603,9 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
 
 
 # ----------------------------------------------------------------------------- collect (BC data from a teacher)
-def collect(args: Args, model, chat, rule_book):
+def collect(args: Args, model, chat, rule_book, prompts: list[dict]):
     """Run a teacher with the tool available and keep the trajectories the reward fully accepts.
     With the policy itself as the teacher this is DGR-style, distribution-grounded BC data."""
-    prompts = load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
     judge = make_judge(args.judge)
     kept = 0
     Path(args.collect_out).parent.mkdir(parents=True, exist_ok=True)
@@ -537,6 +625,62 @@ def collect(args: Args, model, chat, rule_book):
     print(f"kept {kept} of {len(prompts) * args.collect_samples} trajectories -> {args.collect_out}")
 
 
+# ----------------------------------------------------------------------------- checked before any work
+def check_args(args: Args):
+    """Refuse, in one line that says what to do, settings that would crash mid-run, invert the method
+    or run without learning anything. Called first: nothing has loaded and no file has changed."""
+    for name in ("lr", "bc_lr", "bc_epochs", "bc_batch_size", "epochs", "prompts_per_step", "micro_batch_size",
+                 "updates_per_batch", "max_new_tokens", "max_total_tokens", "temperature", "clip_eps",
+                 "max_grad_norm", "collect_samples", "rollout_batch_size", "max_prompts", "clip_eps_high"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:  # None: the setting's "off"
+            raise SystemExit(f"--{name} must be greater than 0, not {value}")
+    for name in ("beta", "max_tool_calls", "max_steps", "save_every", "keep_checkpoints"):
+        if not getattr(args, name) >= 0:
+            raise SystemExit(f"--{name} must be 0 or more, not {getattr(args, name)}")
+    output_dir = Path(args.output_dir)
+    for ok, message in [
+        (args.stage in ("bc", "rl", "all", "collect"), f"--stage must be bc, rl, all or collect, not {args.stage!r}"),
+        (args.adv in ("ifpo", "grpo"), f"--adv must be 'ifpo' or 'grpo', not {args.adv!r}"),
+        (args.group_size >= 2, f"--group_size must be at least 2, not {args.group_size}: advantages compare the "
+                               f"rollouts of one prompt, so a group of one learns nothing"),
+        (args.tau >= 0, f"--tau must be 0 or more, not {args.tau}: a negative tau gives the more frequent behaviour "
+                        f"the larger weight, the opposite of IFPO (0 = plain GRPO)"),
+        (0 <= args.w_min <= 1 <= args.w_max, f"--w_min {args.w_min} / --w_max {args.w_max}: the IFPO weights average "
+                                             f"1, so the bounds need 0 <= w_min <= 1 <= w_max (e.g. 0.1 and 10)"),
+        (args.max_new_tokens < args.max_total_tokens, "--max_total_tokens must be larger than --max_new_tokens: a "
+                                                      "prompt needs room for one full turn"),
+        (0 <= args.warmup <= 1 and 0 <= args.bc_warmup <= 1, "--warmup and --bc_warmup are fractions of the run, "
+                                                             "between 0 and 1"),
+        (0 <= args.harmful_fraction <= 1, "--harmful_fraction must be between 0 and 1"),
+        (output_dir.is_dir() or not output_dir.exists(), f"--output_dir {output_dir} is a file; give a folder"),
+    ]:
+        if not ok:
+            raise SystemExit(message)
+
+
+def load_data(args: Args, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, resuming: bool, num_processes: int):
+    """Every row the run will use, loaded and checked before the model loads, so `--stage all` cannot
+    stop on its RL data after BC has run. Returns (BC samples or None, RL prompts or None)."""
+    bc = rl = None
+    if args.stage in ("bc", "all") and not resuming:
+        conversations = load_bc_conversations(args.bc_data, rule_book)
+        conversations = ascl.drop_long_prompts(conversations, chat, args.max_new_tokens, args.max_total_tokens,
+                                               args.bc_data)
+        bc = bc_samples(chat, conversations, args.max_total_tokens)
+    if args.stage in ("rl", "all", "collect"):
+        rl = load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
+        rl = ascl.drop_long_prompts(rl, chat, args.max_new_tokens, args.max_total_tokens, "RL data")
+    if args.stage in ("rl", "all"):
+        global_batch = args.prompts_per_step * num_processes
+        if len(rl) < global_batch:
+            raise SystemExit(f"{len(rl)} RL prompts, fewer than one step needs ({global_batch}); add prompts or "
+                             f"lower --prompts_per_step")
+        if int(args.epochs * (len(rl) // global_batch)) < 1:
+            raise SystemExit(f"--epochs {args.epochs} over {len(rl)} RL prompts is not one step; raise --epochs")
+    return bc, rl
+
+
 # ----------------------------------------------------------------------------- main
 def log_jsonl(args: Args, row: dict):
     path = Path(args.output_dir) / "log.jsonl"
@@ -546,34 +690,31 @@ def log_jsonl(args: Args, row: dict):
 
 
 def main(args: Args):
-    if args.stage not in ("bc", "rl", "all", "collect"):
-        raise SystemExit(f"--stage must be bc, rl, all or collect, not {args.stage!r}")
-    if args.adv not in ("ifpo", "grpo"):
-        raise SystemExit(f"--adv must be 'ifpo' or 'grpo', not {args.adv!r}")
+    check_args(args)
+    resume_from, resume_step = resume_point(args)
+    model_name = str(resume_from) if resume_from else args.model
+    chat = ascl.ChatFormat(ascl.load_tokenizer(model_name))
+    rule_book = ascl.RuleBook.from_json()
     accelerator = Accelerator(log_with=args.log_with)
+    bc_data, rl_prompts = load_data(args, chat, rule_book, resume_from is not None, accelerator.num_processes)
+    # every setting and row is checked: only now does the model load or any file change
     set_seed(args.seed)
     out = Path(args.output_dir)
-    resume_from = latest_checkpoint(out) if args.resume == "auto" else Path(args.resume) if args.resume else None
-    if args.resume and (resume_from is None or not (resume_from / "trainer_state.pt").is_file()):
-        raise SystemExit(f"nothing to resume from: {args.resume!r} holds no complete checkpoint")
-    if resume_from is None and accelerator.is_main_process and (out / "log.jsonl").exists():
-        (out / "log.jsonl").unlink()  # a fresh run starts a fresh log
-
-    model, tokenizer = ascl.load_policy(str(resume_from) if resume_from else args.model)
-    chat = ascl.ChatFormat(tokenizer)
-    rule_book = ascl.RuleBook.from_json()
+    if accelerator.is_main_process:
+        start_log(out, resume_step)
+    model, tokenizer = ascl.load_model(model_name), chat.tokenizer
     if args.stage == "collect":
-        return collect(args, model.to(accelerator.device), chat, rule_book)
+        return collect(args, model.to(accelerator.device), chat, rule_book, rl_prompts)
     accelerator.init_trackers("ascl", config={k: str(v) for k, v in asdict(args).items()})
 
     summary: dict = {}
     if args.stage in ("bc", "all") and resume_from is None:
-        model, s = behaviour_cloning(args, accelerator, model, tokenizer, chat, rule_book)
+        model, s = behaviour_cloning(args, accelerator, model, tokenizer, chat, bc_data)
         summary.update(s)
         if args.stage == "all":
             save_checkpoint(accelerator, model, tokenizer, out / "bc", {"stage": "bc", "step": 0, "args": asdict(args)})
     if args.stage in ("rl", "all"):
-        model, s = reinforcement_learning(args, accelerator, model, tokenizer, chat, rule_book, resume_from)
+        model, s = reinforcement_learning(args, accelerator, model, tokenizer, chat, rule_book, resume_from, rl_prompts)
         summary.update(s)
     save_checkpoint(accelerator, model, tokenizer, out / "final", {"stage": args.stage, "args": asdict(args)})
     accelerator.end_training()

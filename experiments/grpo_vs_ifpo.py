@@ -26,8 +26,8 @@ RL = ["--stage", "rl", "--group_size", "8", "--prompts_per_step", "2", "--micro_
 EVAL = ["--limit", "20", "--max_new_tokens", "128", "--max_total_tokens", "768", "--batch_size", "20"]
 
 
-def run(cmd: list[str], done: Path):
-    if done.exists():
+def run(cmd: list[str], done: Path | None):
+    if done is not None and done.exists():
         print(f"[skip] {done} exists")
         return
     print("[run]", " ".join(cmd), flush=True)
@@ -35,10 +35,12 @@ def run(cmd: list[str], done: Path):
 
 
 def evaluated(folder: Path) -> dict:
-    """model path -> its eval.py results, from every results.json written under folder."""
+    """model path -> its eval.py results, from every complete results.json written under folder."""
     found = {}
     for f in sorted(folder.glob("**/results.json")):
-        found.update(json.loads(f.read_text())["models"])
+        results = json.loads(f.read_text())
+        if results.get("complete", True):  # eval.py writes partial results as it goes
+            found.update(results["models"])
     return found
 
 
@@ -119,7 +121,7 @@ def main():
     missing = [label for label, path in models.items() if path not in results]
     if missing:  # models added by a later run (more seeds) are evaluated on their own
         folder = out / "eval" / "+".join(missing)
-        run(["eval.py", *EVAL, "--output_dir", str(folder), "--model", *(models[m] for m in missing)], folder / "results.json")
+        run(["eval.py", *EVAL, "--output_dir", str(folder), "--model", *(models[m] for m in missing)], None)
         results = evaluated(out / "eval")
     results = {label: results[path] for label, path in models.items()}
     groups = {"base (SmolLM2-135M)": ["base"], "BC": ["BC"],

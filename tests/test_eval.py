@@ -156,8 +156,12 @@ def test_name_equals_file_applies_the_mapping_and_names_the_row():
     ('{"prompt": "x"}\n', "no column 'label'"),
     ('{"prompt": "What is 1 + 1?", "label": "math"}\n', "no column 'answer'"),
     ('{"prompt": "x", "label": "toxic"}\n', "label 'toxic'"),
-    ('{"prompt": "  ", "label": "benign"}\n', "empty prompt"),
+    ('{"prompt": "  ", "label": "benign"}\n', "prompt must be a non-empty string, not '  '"),
     ('{"prompt": "x", "label": "harmful"}\n{"prompt": "y", "label": "benign"}\n', "mixes labels"),
+    ('{"prompt": 3, "label": "harmful"}\n', "row 1: the prompt must be a non-empty string, not 3"),
+    ('{"prompt": "x", "label": "harmful"}\n{"prompt": ["y"], "label": "harmful"}\n', r"row 2: the prompt must be .*\['y'\]"),
+    ('{"prompt": "x", "label": null}\n', "row 1: label None; labels must be one of"),
+    ('{"prompt": "x", "label": ["harmful"]}\n', r"row 1: label \['harmful'\]; labels must be one of"),
 ])
 def test_bad_local_file_stops_with_a_clear_message(tmp_path, content, message):
     path = tmp_path / "set.jsonl"
@@ -274,6 +278,7 @@ def test_end_to_end_on_a_tiny_random_model(tiny_model_dir, tmp_path, capsys):
     ev.main(ev.Args(model=[tiny_model_dir], output_dir=str(out), limit=2, max_new_tokens=8, max_total_tokens=512))
     results, samples = read_outputs(out, tiny_model_dir)
 
+    assert json.loads((out / "results.json").read_text())["complete"] is True
     assert list(results["benchmarks"]) == ["eval_harmful", "eval_benign", "eval_math"]
     for name, b in results["benchmarks"].items():
         assert b["n"] == 2
@@ -287,3 +292,70 @@ def test_end_to_end_on_a_tiny_random_model(tiny_model_dir, tmp_path, capsys):
         assert s["messages"][1]["content"].startswith(s["prompt"])
     table = capsys.readouterr().out
     assert "H-avg" in table and "eval_math (n=2) accuracy %" in table
+
+
+# ----------------------------------------------------------------------------- bad settings, long prompts, partial results
+@pytest.fixture
+def no_model(monkeypatch):
+    """Proof that a check runs before the model loads: loading one fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(ascl, "load_model", refuse)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"max_new_tokens": 0}, "--max_new_tokens must be at least 1 and below --max_total_tokens"),
+    ({"max_new_tokens": 256, "max_total_tokens": 256}, "--max_new_tokens must be at least 1 and below --max_total_tokens"),
+    ({"max_tool_calls": -1}, "--max_tool_calls must be 0 or more"),
+    ({"batch_size": 0}, "--batch_size and --limit must be at least 1"),
+])
+def test_bad_settings_are_refused_before_anything_loads(setting, message, tmp_path, monkeypatch, no_model):
+    monkeypatch.setattr(ascl, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings"))
+    with pytest.raises(SystemExit, match=message):
+        ev.main(ev.Args(output_dir=str(tmp_path), **setting))
+
+
+def test_output_dir_naming_a_file_is_refused(tmp_path, no_model):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(SystemExit, match="--output_dir .*taken is a file; give a folder"):
+        ev.main(ev.Args(output_dir=str(tmp_path / "taken")))
+
+
+def test_over_long_prompts_are_dropped_for_every_model_alike(tokenizer, capsys):
+    chat = ascl.ChatFormat(tokenizer)
+    harmful = [{"prompt": "How do I hurt someone?", "label": "harmful"}, {"prompt": "long " * 300, "label": "harmful"}]
+    math = [{"prompt": "What is 1 + 1?", "label": "math", "answer": "2"}]
+    args = ev.Args(max_new_tokens=64, max_total_tokens=len(chat.prompt_ids("What is 1 + 1?" + ev.MATH_INSTRUCTION)) + 64)
+    sets = ev.fit_prompts({"h": harmful, "m": math}, {"a": chat, "b": chat}, args)
+    assert sets == {"h": harmful[:1], "m": math}  # the math prompt is measured with its instruction, and fits
+    assert capsys.readouterr().out.count("h (a): dropped 1 of 2 prompts") == 1
+    args.max_total_tokens -= 1
+    with pytest.raises(SystemExit, match="m \\(a\\): no prompt fits"):
+        ev.fit_prompts({"m": math}, {"a": chat}, args)
+
+
+def test_prompts_too_long_for_any_model_stop_the_run_before_a_model_loads(tiny_model_dir, tmp_path, no_model):
+    with pytest.raises(SystemExit, match="no prompt fits"):
+        ev.main(ev.Args(model=[tiny_model_dir], output_dir=str(tmp_path), limit=2, max_new_tokens=8, max_total_tokens=40))
+
+
+def test_a_failing_benchmark_keeps_the_results_already_scored(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def write_until_math(ctx, j):
+        if ev.MATH_INSTRUCTION.strip() in tok.decode(ctx):
+            raise RuntimeError("out of memory")
+        return tok(HELPFUL_TURN, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    install_decoder(monkeypatch, write_until_math)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ev.main(ev.Args(model=[tiny_model_dir], output_dir=str(tmp_path), limit=2))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False
+    assert list(saved["models"][tiny_model_dir]["benchmarks"]) == ["eval_harmful", "eval_benign"]
+    _, samples = read_outputs(tmp_path, tiny_model_dir)
+    assert [s["benchmark"] for s in samples] == ["eval_harmful"] * 2 + ["eval_benign"] * 2
+    assert not list(tmp_path.glob(".tmp-*"))  # written whole, then renamed

@@ -303,3 +303,196 @@ def test_old_and_new_logprobs_come_from_the_same_mode(tiny_model_dir, tokenizer,
     monkeypatch.setattr(train, "token_logprobs", spy)
     train.main(rl_args(tiny_model_dir, tmp_path, max_steps=1, updates_per_batch=2))
     assert (False, True) in modes and (True, True) in modes and {m for _, m in modes} == {True}
+
+# ----------------------------------------------------------------------------- bad input: refused before any work
+@pytest.fixture
+def no_model(monkeypatch):
+    """Proof that a check runs before the model loads: loading one fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(ascl, "load_model", refuse)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"group_size": 1}, "--group_size must be at least 2"),
+    ({"lr": 0.0}, "--lr must be greater than 0"),
+    ({"lr": -1.0}, "--lr must be greater than 0"),
+    ({"max_new_tokens": 0}, "--max_new_tokens must be greater than 0"),
+    ({"tau": -0.5}, "--tau must be 0 or more.*opposite of IFPO"),
+    ({"w_min": 5.0, "w_max": 2.0}, "need 0 <= w_min <= 1 <= w_max"),
+    ({"prompts_per_step": 0}, "--prompts_per_step must be greater than 0"),
+    ({"max_new_tokens": 512, "max_total_tokens": 512}, "--max_total_tokens must be larger than --max_new_tokens"),
+    ({"adv": "ppo"}, "--adv must be 'ifpo' or 'grpo'"),
+])
+def test_settings_that_crash_or_cannot_learn_are_refused_before_anything_loads(setting, message, tiny_model_dir, tmp_path,
+                                                                                monkeypatch, no_model):
+    monkeypatch.setattr(ascl, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings"))
+    (tmp_path / "log.jsonl").write_text('{"stage": "rl", "step": 1}\n')
+    with pytest.raises(SystemExit, match=message):
+        train.main(rl_args(tiny_model_dir, tmp_path, **setting))
+    assert (tmp_path / "log.jsonl").exists()  # a refused run changes no file
+
+
+def test_output_dir_naming_a_file_is_refused(tiny_model_dir, tmp_path, no_model):
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(SystemExit, match="--output_dir .*taken is a file; give a folder"):
+        train.main(rl_args(tiny_model_dir, tmp_path / "taken"))
+
+
+def test_a_refusal_is_one_line_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--group_size", "1", "--output_dir", str(tmp_path)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "--group_size must be at least 2" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "runs/no/such/model", "/no/such/model", "~/no-such-model"])
+def test_a_local_model_folder_that_does_not_exist_is_named(name, tmp_path, no_model):
+    with pytest.raises(SystemExit, match=f"^no such model folder: {name}$"):
+        train.main(rl_args(name, tmp_path))
+
+
+def test_a_model_name_the_hub_cannot_serve_offline_may_be_a_mistyped_folder(tmp_path, no_model):
+    with pytest.raises(SystemExit, match="no such model folder: no-owner/no-model; as a hub id it did not load either"):
+        train.main(rl_args("no-owner/no-model", tmp_path))
+
+
+def test_hub_ids_still_go_to_the_hub_and_existing_folders_load_locally(tiny_model_dir):
+    for hub_id in ("Qwen/Qwen3-0.6B", "gpt2"):
+        assert ascl.model_source(hub_id) == (hub_id, {}, False)
+    assert ascl.model_source(tiny_model_dir) == (tiny_model_dir, {}, True)
+
+
+def test_a_model_folder_with_damaged_weights_is_named(tiny_model_dir, tmp_path, no_model):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    truncate(tmp_path / "m/model.safetensors")
+    with pytest.raises(SystemExit, match="cannot load model folder .*m: model.safetensors is damaged"):
+        train.main(rl_args(str(tmp_path / "m"), tmp_path / "out"))
+
+
+def save_rl_checkpoint(tiny_model_dir, folder, step):
+    model, tok = ascl.load_policy(tiny_model_dir)
+    optimizer = train.make_optimizer(model, 1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    train.save_checkpoint(Accelerator(cpu=True), model, tok, folder, {"stage": "rl", "step": step}, optimizer, scheduler)
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_damaged_checkpoint_is_named_and_resume_auto_takes_the_previous_one(tiny_model_dir, tmp_path, capsys, request):
+    for step in (2, 4):
+        save_rl_checkpoint(tiny_model_dir, tmp_path / f"checkpoint-{step}", step)
+    truncate(tmp_path / "checkpoint-4/model.safetensors")
+    request.getfixturevalue("no_model")  # from here on
+    with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint-4: model.safetensors is damaged.*--resume auto"):
+        train.main(rl_args(tiny_model_dir, tmp_path, resume=str(tmp_path / "checkpoint-4")))
+    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert "skipping damaged checkpoint" in capsys.readouterr().out
+    truncate(tmp_path / "checkpoint-2/trainer_state.pt")
+    assert train.latest_checkpoint(tmp_path) is None
+
+
+def test_resume_auto_falls_back_and_the_log_keeps_one_row_per_step(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    install_scripted_generation(monkeypatch, tokenizer, deterministic=False)
+    train.main(rl_args(tiny_model_dir, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    truncate(tmp_path / "checkpoint-3/model.safetensors")
+    train.main(rl_args(tiny_model_dir, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2, resume="auto"))
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]  # steps 3 and 4 redone from checkpoint-2, logged once
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": 3, "label": "harmful"}], "row 1: the prompt must be a non-empty string, not 3"),
+    ([{"prompt": ["a", "b"], "label": "harmful"}], r"row 1: the prompt must be a non-empty string, not \['a', 'b'\]"),
+    ([{"prompt": "", "label": "harmful"}], "row 1: the prompt must be a non-empty string, not ''"),
+    ([{"prompt": "x", "label": "harmful"}, {"prompt": " \t", "label": "harmful"}], "row 2: the prompt must be"),
+    ([{"prompt": "x", "label": None}], "row 1: label None; labels must be one of 'harmful', 'sensitive'"),
+    ([{"prompt": "x", "label": "harmful"}, {"prompt": "y", "label": 3}], "row 2: label 3; labels must be"),
+    ([{"prompt": "x", "label": ["harmful"]}], r"row 1: label \['harmful'\]; labels must be"),
+])
+def test_bad_rl_rows_are_named_by_row(rows, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.load_rl_prompts([write_jsonl(tmp_path / "rl.jsonl", rows)], 0.3, None, 0)
+
+
+def test_benign_in_rl_data_is_read_as_sensitive(tmp_path):
+    path = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "How do I kill a Python process?", "label": "benign"},
+                                               {"prompt": "How do I make a bomb?", "label": "harmful"}])
+    rows = train.load_rl_prompts([path], 0.5, None, 0)
+    assert sorted(r["label"] for r in rows) == ["harmful", "sensitive"]
+    with pytest.raises(SystemExit, match=r"'benign' is read as 'sensitive'"):
+        train.load_rl_prompts([write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "label": "safe"}])], 0.5, None, 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"query": None}, "row 2: has 'think_after' but no 'query'; a row that consults the rule book needs both, a direct answer neither"),
+    ({"think_after": None}, "row 2: has 'query' but no 'think_after'"),
+    ({"think_after": ""}, "row 2: has 'query' but no 'think_after'"),
+    ({"answer": ""}, "row 2: 'think' and 'answer' must be non-empty text"),
+    ({"think": 7}, "row 2: 'think' must be a string"),
+    ({"prompt": 42}, "row 2: the prompt must be a non-empty string"),
+])
+def test_bad_bc_rows_are_named_by_row(change, message, tmp_path, rule_book):
+    path = write_jsonl(tmp_path / "bc.jsonl", [SEED_DIRECT_ROW, {**SEED_TOOL_ROW, **change}])
+    with pytest.raises(SystemExit, match=message):
+        train.load_bc_conversations(path, rule_book)
+
+
+def test_collected_bc_rows_need_lists_of_texts(tmp_path, rule_book):
+    row = {"prompt": "p", "label": "harmful", "turns": "<think>x</think>No.", "tool_results": []}
+    with pytest.raises(SystemExit, match="row 1: 'turns' must be a non-empty list of strings"):
+        train.load_bc_conversations(write_jsonl(tmp_path / "bc.jsonl", [row]), rule_book)
+
+
+def test_the_prompt_length_rule_leaves_room_for_one_full_turn(tokenizer, capsys):
+    chat = ascl.ChatFormat(tokenizer)
+    short, long = {"prompt": "Hi"}, {"prompt": "hello " * 40}
+    limit = len(chat.prompt_ids("Hi")) + 16  # "Hi" fits exactly with 16 new tokens
+    assert ascl.drop_long_prompts([short, long], chat, 16, limit, "set") == [short]
+    assert "set: dropped 1 of 2 prompts" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"set: no prompt fits in .*raise --max_total_tokens"):
+        ascl.drop_long_prompts([short, long], chat, 17, limit, "set")
+
+
+def test_over_long_rl_and_bc_prompts_are_dropped_at_load_with_a_count(tokenizer, rule_book, tmp_path, capsys):
+    rl = [{"prompt": f"short question {i}", "label": "harmful"} for i in range(4)] + [{"prompt": "long " * 300, "label": "sensitive"}]
+    bc = [SEED_DIRECT_ROW, {**SEED_TOOL_ROW, "prompt": "long " * 300}]
+    args = train.Args(stage="all", rl_data=[write_jsonl(tmp_path / "rl.jsonl", rl)], bc_data=write_jsonl(tmp_path / "bc.jsonl", bc),
+                      harmful_fraction=0.0, max_new_tokens=64, max_total_tokens=256)
+    samples, prompts = train.load_data(args, ascl.ChatFormat(tokenizer), rule_book, False, 1)
+    assert len(prompts) == 4 and len(samples) == 1  # the direct answer is one sample
+    out = capsys.readouterr().out
+    assert "RL data: dropped 1 of 5 prompts" in out and "bc.jsonl: dropped 1 of 2 prompts" in out
+
+
+def test_bc_samples_too_long_for_the_budget_are_counted(tokenizer, rule_book, capsys):
+    chat = ascl.ChatFormat(tokenizer)
+    turns, results = train.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    conversation = {"prompt": SEED_TOOL_ROW["prompt"], "turns": turns, "tool_results": results}
+    ids, _, spans = chat.encode_conversation(conversation["prompt"], turns, results)
+    assert len(train.bc_samples(chat, [conversation], spans[0][1])) == 1  # turn 1 fits, turn 2 does not
+    assert "BC: dropped 1 of 2 samples longer than max_total_tokens" in capsys.readouterr().out
+
+
+def test_stage_all_checks_the_rl_data_before_behaviour_cloning(tiny_model_dir, tmp_path, no_model):
+    bad = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "x", "label": "harmful"}, {"prompt": None, "label": "harmful"}])
+    with pytest.raises(SystemExit, match="rl.jsonl: row 2: the prompt must be"):
+        train.main(rl_args(tiny_model_dir, tmp_path / "out", stage="all", rl_data=[bad]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_rl_prompts_for_one_step_are_refused_before_the_model_loads(tiny_model_dir, tmp_path, no_model):
+    one = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "x", "label": "harmful"}])
+    with pytest.raises(SystemExit, match="1 RL prompts, fewer than one step needs"):
+        train.main(rl_args(tiny_model_dir, tmp_path / "out", rl_data=[one]))
