@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 import ascl
-from ifpo import group_advantages, ifpo_advantages, inverse_frequency_weights, policy_loss
+from ifpo import group_advantages, inverse_frequency_weights, policy_loss
 
 HERE = Path(__file__).resolve().parent
 
@@ -236,14 +236,62 @@ def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, action: to
     Logits are only computed at positions where some row trains a token
     (`logits_to_keep`): with a 49k vocabulary the lm_head and softmax over prompt
     and tool tokens would cost more than the decoder.
+
+    Worked example, one row, prompt [p p], a turn [a E] (E = end of turn, trained), tool [g g]:
+        ids      p p a E g g          action 0 0 1 1 0 0
+        ids[1:]    p a E g g          mask     0 1 1 0 0   <- returned, shifted by one
+        positions 1 and 2 (predicting a and E) are the only ones whose logits are computed.
     """
+    logprobs, mask, _ = _shifted_logprobs(model, ids, attention, action)
+    return logprobs, mask
+
+
+def _shifted_logprobs(model, ids, attention, action, past=None, positions=None):
+    """token_logprobs, plus the policy's entropy at the trained positions (no gradient)."""
     mask = action[:, 1:]
     keep = mask.any(dim=0).nonzero().squeeze(1)  # (P,) positions predicting a trained token
-    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits.float()  # (B, P, V)
-    targets = ids[:, 1:].index_select(1, keep)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=past,
+                   use_cache=past is not None, logits_to_keep=keep).logits.float()  # (B, P, V)
+    picked, entropy = _logprobs_and_entropy(logits, ids[:, 1:].index_select(1, keep))
     logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_copy(1, keep, picked)
-    return logprobs * mask, mask
+    return logprobs * mask, mask, torch.zeros_like(logprobs).index_copy(1, keep, entropy) * mask
+
+
+def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor):
+    """log p(target) (with gradient) and the entropy of p (without), per position. logits (..., V)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
+    return picked, entropy
+
+
+def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]], masks: list[list[int]], pad_id: int):
+    """token_logprobs for rollouts that share `prompt`, which goes through the model once.
+
+    The prompt's keys and values are expanded to the group and the continuations run on top
+    of them, with gradients flowing back through the shared prefix. prompt_model is the
+    model without its DDP wrapper: DDP allows one wrapped forward per backward, and
+    the gradient of every parameter still arrives summed before DDP reduces it.
+    Returns (logprobs, mask, entropy), each (G, C), aligned with the continuations
+    seqs[g][len(prompt):] (right-padded to C): unlike token_logprobs, nothing is shifted,
+    since the prompt's last position predicts each continuation's first token.
+    """
+    from transformers import DynamicCache
+
+    P, G, device = len(prompt), len(seqs), next(model.parameters()).device
+    out = prompt_model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+    past = DynamicCache([(layer.keys.expand(G, -1, -1, -1), layer.values.expand(G, -1, -1, -1))
+                         for layer in out.past_key_values.layers], config=prompt_model.config)
+    ids, attention, action = (t.to(device) for t in pad_batch([s[P:] for s in seqs], [m[P:] for m in masks], pad_id))
+    C = ids.shape[1]
+    first_lp, first_h = _logprobs_and_entropy(out.logits[:, -1].float().expand(G, -1), ids[:, 0])
+    rest_lp, _, rest_h = _shifted_logprobs(
+        model, ids, torch.cat([attention.new_ones((G, P)), attention], 1), action, past,
+        torch.arange(P, P + C, device=device).expand(G, -1))
+    mask = action
+    logprobs = torch.cat([first_lp.unsqueeze(1), rest_lp], 1) * mask
+    return logprobs, mask, torch.cat([first_h.unsqueeze(1), rest_h], 1) * mask
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -440,15 +488,6 @@ def make_judge(name: str, device=None):
     return ascl.OfflineJudge() if name == "offline" else ascl.GuardJudge(name, device=device)
 
 
-def compute_advantages(args: Args, rewards: torch.Tensor, used_tool: torch.Tensor) -> torch.Tensor:
-    """The only place GRPO and IFPO differ."""
-    if args.adv == "ifpo":
-        return ifpo_advantages(rewards, used_tool, args.group_size, args.tau, args.w_min, args.w_max)
-    if args.adv == "grpo":
-        return group_advantages(rewards, args.group_size)
-    raise SystemExit(f"--adv must be 'ifpo' or 'grpo', not {args.adv!r}")
-
-
 def prompts_for_step(prompts: list[dict], step: int, args: Args, accelerator: Accelerator) -> list[dict]:
     """This process's prompts for a step: a seeded shuffle per epoch, so resuming needs only the step."""
     global_batch = args.prompts_per_step * accelerator.num_processes
@@ -460,44 +499,131 @@ def prompts_for_step(prompts: list[dict], step: int, args: Args, accelerator: Ac
     return [prompts[i] for i in order[start:start + args.prompts_per_step]]
 
 
-def policy_update(args: Args, accelerator: Accelerator, model, optimizer, scheduler, trajs, advantages,
-                  chat, ref_model=None, step: int = 0) -> dict:
-    """`updates_per_batch` optimizer steps on one batch of rollouts; loss = token-mean over the
-    whole global batch (DAPO), accumulated over micro-batches."""
+def compute_advantages(args: Args, rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """GRPO's group-normalised reward (Eq. 2), times the inverse-frequency weights for IFPO (Eq. 4)."""
+    advantages = group_advantages(rewards, args.group_size)
+    return weights * advantages if args.adv == "ifpo" else advantages
+
+
+def sample_rollouts(args: Args, model, chat, rule_book, rows: list[dict], group_size: int) -> list[ascl.Trajectory]:
+    """group_size rollouts per row, sampled with the tool available (RL and --stage collect)."""
+    return ascl.rollout(model, chat, rule_book, [r["prompt"] for r in rows], [r["label"] for r in rows],
+                        group_size=group_size, max_new_tokens=args.max_new_tokens, max_tool_calls=args.max_tool_calls,
+                        max_total_tokens=args.max_total_tokens, temperature=args.temperature,
+                        batch_size=args.rollout_batch_size)
+
+
+def rl_step(args, accelerator, model, optimizer, scheduler, chat, rule_book, judge, prompts, step, ref_model=None) -> dict:
+    """One RL step, in the method's order. Returns the step's log row."""
+    t0 = time.perf_counter()
+    # --- rollout: group_size rollouts of each prompt, the tool available
+    trajs = sample_rollouts(args, accelerator.unwrap_model(model), chat, rule_book,
+                            prompts_for_step(prompts, step, args, accelerator), args.group_size)
+    t1 = time.perf_counter()
+
+    # --- reward, Eq. 1: R = P_h * P_f * (R_s + R_c - P_r)
+    verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
+    rewards = [ascl.reward(t.label, t, v, args.tool_penalty) for t, v in zip(trajs, verdicts)]
+    R = torch.tensor([r.total for r in rewards])
+    check_finite("rewards", R, step)
+
+    # --- advantages, Eqs. 2-4: the only place GRPO and IFPO differ
+    used_tool = torch.tensor([t.used_tool for t in trajs])  # m_i
+    weights = inverse_frequency_weights(used_tool, args.group_size, args.tau, args.w_min, args.w_max)  # Eq. 3
+    advantages = compute_advantages(args, R, weights)
+
+    # --- update: clipped surrogate, token mean over the global batch (DAPO)
+    update = policy_update(args, accelerator, model, optimizer, trajs, advantages, chat.pad_id, ref_model, step)
+    scheduler.step()
+    t2 = time.perf_counter()
+    fallbacks = judge.pop_fallbacks() if hasattr(judge, "pop_fallbacks") else {}
+    return {"step": step + 1, **step_stats(accelerator, trajs, rewards, weights, args.group_size), **update,
+            "lr": scheduler.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1,
+            "steps_per_s": 1.0 / (t2 - t0), **fallbacks, "processes": accelerator.num_processes}
+
+
+def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:
+    """What an RL person watches, over the rollouts of every process. GRPO runs log the IFPO weights
+    too: the ones IFPO would have applied."""
+    R = torch.tensor([r.total for r in rewards])
+    cols = torch.stack([
+        R, torch.tensor([float(t.used_tool) for t in trajs]), torch.tensor([float(t.label == "harmful") for t in trajs]),
+        weights, (R.reshape(-1, group_size).std(1, correction=0) == 0).float().repeat_interleave(group_size),
+        torch.tensor([float(sum(t.action_mask)) for t in trajs]), torch.tensor([float(r.format_gate) for r in rewards]),
+        torch.tensor([float(t.faulty_calls) for t in trajs]), torch.tensor([float(t.truncated) for t in trajs])], 1)
+    R, tool, harmful, w, zero_spread, length, fmt, faulty, trunc = accelerator.gather(cols.to(accelerator.device)).cpu().T
+    tool, harmful = tool.bool(), harmful.bool()
+
+    def mean(x, where=None):
+        x = x if where is None else x[where]
+        return float(x.mean()) if x.numel() else float("nan")
+
+    return {"reward_mean": mean(R), "reward_std": float(R.std(correction=0)), "tool_rate": mean(tool.float()),
+            "tool_rate_harmful": mean(tool.float(), harmful), "tool_rate_sensitive": mean(tool.float(), ~harmful),
+            "ifpo_weight_tool": mean(w, tool), "ifpo_weight_direct": mean(w, ~tool),
+            "zero_spread_groups": mean(zero_spread), "format_ok": mean(fmt), "faulty_calls": mean(faulty),
+            "truncated": mean(trunc), "response_length": mean(length)}
+
+
+def micro_batches(n: int, group_size: int, size: int) -> list[list[int]]:
+    """Rollout indices in micro-batches of at most `size`, never across groups (a micro-batch
+    shares its prompt).
+
+    >>> micro_batches(8, group_size=4, size=3)
+    [[0, 1, 2], [3], [4, 5, 6], [7]]
+    """
+    return [list(range(g + i, min(g + i + size, g + group_size, n))) for g in range(0, n, group_size)
+            for i in range(0, min(group_size, n - g), size)]
+
+
+def rollout_logprobs(model, trajs, idx: list[int], pad_id: int, prompt_model=None):
+    """(logprobs, mask, entropy) of rollouts trajs[idx], which share their prompt. With a
+    prompt_model the prompt goes through the model once (group_logprobs), else every row
+    runs whole (token_logprobs)."""
+    seqs, masks = [trajs[i].input_ids for i in idx], [trajs[i].action_mask for i in idx]
+    device = next(model.parameters()).device
+    prompt = next((m.index(1) for m in masks if 1 in m), 0)  # the model's first token follows the prompt
+    if prompt_model is not None and prompt > 0 and all(s[:prompt] == seqs[0][:prompt] for s in seqs):
+        return group_logprobs(model, prompt_model, seqs[0][:prompt], seqs, masks, pad_id)
+    ids, attention, action = (t.to(device) for t in pad_batch(seqs, masks, pad_id))
+    return _shifted_logprobs(model, ids, attention, action)
+
+
+def policy_update(args: Args, accelerator: Accelerator, model, optimizer, trajs, advantages, pad_id: int,
+                  ref_model=None, step: int = 0) -> dict:
+    """`updates_per_batch` optimizer steps on one batch of rollouts; loss = token mean over the
+    whole global batch (DAPO), accumulated over micro-batches of one group each.
+
+    The rollouts of a group share their prompt, which goes through the model once per
+    micro-batch. Gradient checkpointing recomputes each layer's forward and cannot do that for
+    a cached prefix, so with it every rollout runs whole.
+    """
     device = accelerator.device
-    micro = [list(range(i, min(i + args.micro_batch_size, len(trajs)))) for i in range(0, len(trajs), args.micro_batch_size)]
-    batches = [tuple(t.to(device) for t in pad_batch([trajs[i].input_ids for i in idx],
-                                                       [trajs[i].action_mask for i in idx], chat.pad_id)) for idx in micro]
+    micro = micro_batches(len(trajs), args.group_size, args.micro_batch_size)
+    prompt_model = None if args.gradient_checkpointing else accelerator.unwrap_model(model)
     local_tokens = torch.tensor(float(sum(sum(t.action_mask) for t in trajs)), device=device)
     # DDP averages gradients over processes, so each process divides by the global count / world size
     num_tokens = max(accelerator.reduce(local_tokens, "sum").item(), 1.0) / accelerator.num_processes
 
-    old, ref = [], []
     model.train()  # old and new log-probs in the same mode (dropout, if any, alike)
-    if args.updates_per_batch > 1 or args.beta:
-        with torch.no_grad():
-            for ids, attention, action in batches:
-                if args.updates_per_batch > 1:
-                    old.append(token_logprobs(model, ids, attention, action)[0])
-                if args.beta:
-                    ref.append(token_logprobs(ref_model, ids, attention, action)[0])
-
+    with torch.no_grad():
+        old = [rollout_logprobs(model, trajs, idx, pad_id, prompt_model)[0] for idx in micro] \
+            if args.updates_per_batch > 1 else None
+        ref = [rollout_logprobs(ref_model, trajs, idx, pad_id, ref_model)[0] for idx in micro] if args.beta else None
     stats: dict[str, float] = {}
     for _ in range(args.updates_per_batch):
-        sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0}
-        for j, (idx, (ids, attention, action)) in enumerate(zip(micro, batches)):
-            last = j == len(batches) - 1
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync:
-                logprobs, mask = token_logprobs(model, ids, attention, action)
+        sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
+        for j, idx in enumerate(micro):
+            with contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model):
+                logprobs, mask, entropy = rollout_logprobs(model, trajs, idx, pad_id, prompt_model)
                 # one update per batch: the rollout policy is the current one, so old = current (ratio 1)
-                old_lp = old[j] if old else logprobs.detach()
-                loss, s = policy_loss(logprobs, old_lp, advantages[idx].to(device), mask,
+                loss, s = policy_loss(logprobs, old[j] if old else logprobs.detach(), advantages[idx].to(device), mask,
                                       args.clip_eps, args.clip_eps_high, ref[j] if ref else None, args.beta, num_tokens)
                 check_finite("policy loss", loss.detach(), step)
                 accelerator.backward(loss)
             share = s["num_tokens"] / (num_tokens * accelerator.num_processes)
             sums["loss"] += loss.item() / accelerator.num_processes
+            sums["entropy"] += float(entropy.sum()) / (num_tokens * accelerator.num_processes)
             for k in ("clip_frac", "approx_kl", "kl_ref"):
                 sums[k] += s.get(k, 0.0) * share
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -506,53 +632,9 @@ def policy_update(args: Args, accelerator: Accelerator, model, optimizer, schedu
         optimizer.zero_grad()
         stats = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
         stats["grad_norm"] = float(grad_norm)
-    scheduler.step()
     if not args.beta:
         stats.pop("kl_ref")
     return stats
-
-
-def rl_step(args, accelerator, model, optimizer, scheduler, chat, rule_book, judge, prompts, step, ref_model=None) -> dict:
-    batch = prompts_for_step(prompts, step, args, accelerator)
-    t0 = time.perf_counter()
-    trajs = ascl.rollout(accelerator.unwrap_model(model), chat, rule_book, [r["prompt"] for r in batch],
-                         [r["label"] for r in batch], group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                         max_tool_calls=args.max_tool_calls, max_total_tokens=args.max_total_tokens,
-                         temperature=args.temperature, batch_size=args.rollout_batch_size)
-    t1 = time.perf_counter()
-    verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
-    rewards = [ascl.reward(t.label, t, v, args.tool_penalty) for t, v in zip(trajs, verdicts)]
-    fallbacks = judge.pop_fallbacks() if hasattr(judge, "pop_fallbacks") else {}
-    R = torch.tensor([r.total for r in rewards])
-    check_finite("rewards", R, step)
-    used_tool = torch.tensor([t.used_tool for t in trajs])
-    advantages = compute_advantages(args, R, used_tool)
-    stats = policy_update(args, accelerator, model, optimizer, scheduler, trajs, advantages, chat, ref_model, step)
-    t2 = time.perf_counter()
-
-    # per-rollout numbers, gathered from every process
-    weights = inverse_frequency_weights(used_tool, args.group_size, args.tau, args.w_min, args.w_max)
-    zero_spread = (R.reshape(-1, args.group_size).std(1, correction=0) == 0).float().repeat_interleave(args.group_size)
-    cols = torch.stack([R, used_tool.float(), torch.tensor([t.label == "harmful" for t in trajs]).float(), weights,
-                        zero_spread, torch.tensor([float(sum(t.action_mask)) for t in trajs]),
-                        torch.tensor([float(r.format_gate) for r in rewards]),
-                        torch.tensor([float(t.faulty_calls) for t in trajs]), torch.tensor([float(t.truncated) for t in trajs])], 1)
-    cols = accelerator.gather(cols.to(accelerator.device)).cpu()
-    R, tool, harmful, w, zs, length, fmt, faulty, trunc = cols.T
-    tool_b = tool.bool()
-
-    def mean(x, where=None):
-        x = x if where is None else x[where]
-        return float(x.mean()) if x.numel() else float("nan")
-
-    return {"step": step + 1, "reward_mean": mean(R), "reward_std": float(R.std(correction=0)),
-            "tool_rate": mean(tool), "tool_rate_harmful": mean(tool, harmful.bool()),
-            "tool_rate_sensitive": mean(tool, ~harmful.bool()),
-            "ifpo_weight_tool": mean(w, tool_b), "ifpo_weight_direct": mean(w, ~tool_b),
-            "zero_spread_groups": mean(zs), "format_ok": mean(fmt), "faulty_calls": mean(faulty),
-            "truncated": mean(trunc), "response_length": mean(length), **stats,
-            "lr": scheduler.get_last_lr()[0], "rollout_s": t1 - t0, "update_s": t2 - t1, **fallbacks,
-            "processes": accelerator.num_processes}
 
 
 def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenizer, chat, rule_book, resume_from: Path | None,
@@ -612,10 +694,7 @@ def collect(args: Args, model, chat, rule_book, prompts: list[dict]):
     with open(args.collect_out, "w", encoding="utf-8") as f:
         for b in tqdm(range(0, len(prompts), 8), desc="collect"):
             batch = prompts[b:b + 8]
-            trajs = ascl.rollout(model, chat, rule_book, [r["prompt"] for r in batch], [r["label"] for r in batch],
-                                 group_size=args.collect_samples, max_new_tokens=args.max_new_tokens,
-                                 max_tool_calls=args.max_tool_calls, max_total_tokens=args.max_total_tokens,
-                                 temperature=args.temperature, batch_size=args.rollout_batch_size)
+            trajs = sample_rollouts(args, model, chat, rule_book, batch, args.collect_samples)
             verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
             for t, v in zip(trajs, verdicts):
                 if ascl.reward(t.label, t, v).total >= 1.5:  # the best reward a prompt can earn
