@@ -199,6 +199,14 @@ class ChatFormat:
         body = "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in results)
         return [{"role": "user", "content": body}]
 
+    def messages(self, prompt: str, turns: list[str], tool_results: list[list[str]]) -> list[dict]:
+        """The conversation as chat messages, tool results in the `tool` role (for logs and samples)."""
+        msgs = self.prompt_messages(prompt)
+        for k, text in enumerate(turns):
+            msgs.append({"role": "assistant", "content": text})
+            msgs += [{"role": "tool", "content": r} for r in (tool_results[k] if k < len(tool_results) else [])]
+        return msgs
+
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.encode(self.render(self.prompt_messages(prompt), add_generation_prompt=True))
 
@@ -310,13 +318,10 @@ class Trajectory:
     tool_results: list[list[str]] = field(default_factory=list)
     num_tool_calls: int = 0  # calls the model wrote, faulty ones and ones beyond the cap included
     faulty_calls: int = 0
+    valid_calls: int = 0  # well-formed retrieve_policy calls (each returned rules, if within the cap)
     syntax_error: bool = False
     truncated: bool = False  # ran out of max_new_tokens / max_total_tokens / max_tool_calls
-
-    @property
-    def valid_calls(self) -> int:
-        """Well-formed retrieve_policy calls the model wrote (each one returned rules)."""
-        return self.num_tool_calls - self.faulty_calls
+    answer: str | None = None  # text after the reasoning in the final turn; None if missing or cut off
 
     @property
     def used_tool(self) -> bool:
@@ -330,32 +335,45 @@ class Trajectory:
         return self.valid_calls > 0
 
     @property
-    def answer(self) -> str | None:
-        """Text after the reasoning in the final turn; None if missing or truncated."""
-        if self.truncated or not self.turns or parse_tool_calls(self.turns[-1]):
-            return None
-        last = self.turns[-1]
-        if "</think>" in last:
-            answer = last.rsplit("</think>", 1)[1]
-        elif any("</think>" in t for t in self.turns[:-1]):
-            answer = last
-        else:
-            return None
-        return answer.strip() or None
-
-    @property
     def reasoning(self) -> str:
         text = "".join(self.turns).split("</think>")[0] if any("</think>" in t for t in self.turns) else ""
         return text.replace("<think>", "").strip()
 
-    def messages(self, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
-        """The conversation, for logs and sample files."""
-        msgs = [{"role": "system", "content": system_prompt}, {"role": "user", "content": self.prompt}]
-        for k, text in enumerate(self.turns):
-            msgs.append({"role": "assistant", "content": text})
-            if k < len(self.tool_results):
-                msgs += [{"role": "tool", "content": r} for r in self.tool_results[k]]
-        return msgs
+    def count_calls(self, calls: list[ToolCall]):
+        self.num_tool_calls += len(calls)
+        self.faulty_calls += sum(c.error is not None for c in calls)
+        self.valid_calls += sum(c.error is None for c in calls)
+        self.syntax_error |= any(c.syntax_error for c in calls)
+
+
+def final_answer(turns: list[str], truncated: bool) -> str | None:
+    """The text after </think> in the final turn (or the whole final turn, if </think> closed
+    in an earlier one); None when cut off, ending on a tool call, or never out of <think>.
+
+    >>> final_answer(["<think>Hm.</think>" + "<tool_call>{}</tool_call>", "No, sorry."], truncated=False)
+    'No, sorry.'
+    """
+    if truncated or not turns or parse_tool_calls(turns[-1]):
+        return None
+    last = turns[-1]
+    if "</think>" in last:
+        answer = last.rsplit("</think>", 1)[1]
+    elif any("</think>" in t for t in turns[:-1]):
+        answer = last
+    else:
+        return None
+    return answer.strip() or None
+
+
+def trajectory_from_turns(chat: ChatFormat, prompt: str, label: str, turns: list[str],
+                          tool_results: list[list[str]], truncated: bool = False) -> Trajectory:
+    """A finished conversation (e.g. a BC row) as the Trajectory a rollout would have made of it."""
+    ids, mask, _ = chat.encode_conversation(prompt, turns, tool_results)
+    t = Trajectory(prompt, label, ids, mask, turns=list(turns), tool_results=tool_results, truncated=truncated)
+    for text in turns:
+        t.count_calls(parse_tool_calls(text))
+    t.answer = final_answer(t.turns, truncated)
+    return t
 
 
 # How turns are decoded: decoding.TurnDecoder (continuous batching, KV caches reused across
@@ -418,24 +436,20 @@ def rollout(
         t.turns.append(chat.tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=False))
         calls = parse_tool_calls(t.turns[-1]) if ended else []
         t.truncated = not ended
-        if not calls:
-            continue
-        executed = sum(len(r) for r in t.tool_results)
-        t.num_tool_calls += len(calls)
-        t.faulty_calls += sum(c.error is not None for c in calls)
-        t.syntax_error |= any(c.syntax_error for c in calls)
-        if executed + len(calls) > max_tool_calls:
+        t.count_calls(calls)
+        if calls and sum(len(r) for r in t.tool_results) + len(calls) > max_tool_calls:
             t.truncated = True  # past --max_tool_calls: nothing executed, the rollout ends
-            continue
-        results = run_tool_calls(calls, rule_book)
-        glue = chat.tool_turn_ids(results)
-        if len(t.input_ids) + len(glue) >= max_total_tokens:
+        elif calls:
+            results = run_tool_calls(calls, rule_book)
+            glue = chat.tool_turn_ids(results)
+            if len(t.input_ids) + len(glue) < max_total_tokens:
+                t.tool_results.append(results)
+                t.input_ids += glue
+                t.action_mask += [0] * len(glue)
+                decoder.add(i, t.input_ids)
+                continue
             t.truncated = True  # the tool turn is not appended: no room to answer after it
-            continue
-        t.tool_results.append(results)
-        t.input_ids += glue
-        t.action_mask += [0] * len(glue)
-        decoder.add(i, t.input_ids)
+        t.answer = final_answer(t.turns, t.truncated)  # the rollout is done
     return trajs
 
 
@@ -565,6 +579,11 @@ class GuardJudge:
         counts = {k: self.fallbacks[k] for k in ("guard_safety_unreadable", "guard_refusal_unreadable")}
         self.fallbacks.clear()
         return counts
+
+
+def make_judge(name: str, device=None, batch_size: int = 16) -> Judge:
+    """'offline' -> OfflineJudge; anything else is a Qwen3Guard-Gen hub id or folder (strict mode)."""
+    return OfflineJudge() if name == "offline" else GuardJudge(name, strict=True, batch_size=batch_size, device=device)
 
 
 @dataclass

@@ -386,14 +386,10 @@ def evaluate(model, chat, rule_book, judge, bench: str, rows: list[dict], args: 
                 "gold": r.get("answer"), "extracted": extracted,
                 "correct": answers_match(extracted, r["answer"]) if is_math else None,
                 "used_tool": t.used_tool, "num_tool_calls": t.num_tool_calls, "truncated": t.truncated,
-                "response_tokens": sum(t.action_mask), "messages": t.messages(chat.system_prompt),
+                "response_tokens": sum(t.action_mask), "messages": chat.messages(t.prompt, t.turns, t.tool_results),
             })
         bar.update(len(chunk))
     return samples
-
-
-def make_judge(name: str, args: Args, device):
-    return ascl.OfflineJudge() if name == "offline" else ascl.GuardJudge(name, strict=True, batch_size=args.batch_size, device=device)
 
 
 def model_tag(name: str) -> str:
@@ -448,7 +444,7 @@ def main(args: Args) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    judge = make_judge(args.judge, args, device)
+    judge = ascl.make_judge(args.judge, device, args.batch_size)
     rule_book = ascl.RuleBook.from_json()
 
     results = {}

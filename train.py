@@ -33,67 +33,74 @@ from ifpo import group_advantages, inverse_frequency_weights, policy_loss
 HERE = Path(__file__).resolve().parent
 
 
+def arg(default, help: str, **kw):
+    """A settings field with its --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class Args:
     """Defaults run the whole pipeline on a 2-core CPU in minutes; README gives the paper's settings."""
 
-    model: str | None = field(default=None, metadata={"help": "hub id, local folder or .gguf file; default: embedded SmolLM2-135M"})
-    stage: str = field(default="all", metadata={"help": "bc | rl | all | collect"})
-    output_dir: str = "outputs/run"
-    seed: int = 0
+    model: str | None = arg(None, "hub id, local folder or .gguf file; default: the embedded SmolLM2-135M")
+    stage: str = arg("all", "bc | rl | all (BC, then RL from it) | collect (BC data sampled from --model)")
+    output_dir: str = arg("outputs/run", "checkpoints, log.jsonl and the final model")
+    seed: int = arg(0, "seeds sampling, data order and the prompt mix")
     # data
-    bc_data: str = str(HERE / "data/bc_seed.jsonl")
-    rl_data: list[str] = field(default_factory=lambda: [str(HERE / "data/rl_prompts.jsonl")],
-                               metadata={"help": "local JSONL files and/or hub datasets, e.g. OpenSafetyLab/Salad-Data:base_set bench-llm/or-bench:or-bench-80k"})
-    harmful_fraction: float = field(default=2 / 7, metadata={"help": "share of harmful RL prompts (paper: 2:5)"})
-    max_prompts: int | None = None
+    bc_data: str = arg(str(HERE / "data/bc_seed.jsonl"), "BC conversations (JSONL, see README: Data)")
+    rl_data: list[str] = arg([str(HERE / "data/rl_prompts.jsonl")], "local JSONL files and/or hub datasets, e.g. "
+                             "OpenSafetyLab/Salad-Data:base_set bench-llm/or-bench:or-bench-80k")
+    harmful_fraction: float = arg(2 / 7, "share of harmful RL prompts (paper: 2:5); the larger pool is subsampled")
+    max_prompts: int | None = arg(None, "use at most this many RL prompts (after mixing)")
     # behaviour cloning (paper: 3 epochs, lr 1e-5, warmup 5%)
-    bc_epochs: int = 1
-    bc_lr: float = 5e-5
-    bc_batch_size: int = 8
-    bc_warmup: float = 0.05
+    bc_epochs: int = arg(1, "BC epochs (paper: 3)")
+    bc_lr: float = arg(5e-5, "BC learning rate (paper: 1e-5)")
+    bc_batch_size: int = arg(8, "BC samples per optimizer step, per process")
+    bc_warmup: float = arg(0.05, "share of BC steps spent warming the learning rate up")
     # reinforcement learning (paper: 16 prompts x 8 rollouts, lr 1e-6, warmup 10%, 2 epochs, 8192 tokens)
-    adv: str = field(default="ifpo", metadata={"help": "ifpo | grpo"})
-    tau: float = 0.5
-    w_min: float = 0.1
-    w_max: float = 10.0
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    beta: float = field(default=0.0, metadata={"help": "KL to the initial policy; 0 = none, as in the paper"})
-    tool_penalty: float = field(default=0.0, metadata={"help": "reward penalty per valid tool call (the ablation IFPO replaces); 0 = the paper's Eq. 1"})
-    lr: float = 2e-6
-    warmup: float = 0.1
-    group_size: int = 4
-    prompts_per_step: int = field(default=2, metadata={"help": "per process"})
-    micro_batch_size: int = field(default=8, metadata={"help": "rollouts per forward/backward (gradient accumulation)"})
-    updates_per_batch: int = field(default=1, metadata={"help": "optimizer steps on each batch of rollouts"})
-    max_new_tokens: int = field(default=96, metadata={"help": "per model turn"})
-    max_tool_calls: int = 2
-    max_total_tokens: int = 1024
-    rollout_batch_size: int | None = field(default=None, metadata={"help": "rollouts per generate batch (bounds the KV cache); default: all of a step"})
-    temperature: float = 1.0
-    epochs: float = 2.0
-    max_steps: int = field(default=4, metadata={"help": "cap on RL steps; 0 = run --epochs"})
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    judge: str = field(default="offline", metadata={"help": "offline | a Qwen3Guard-Gen hub id"})
+    adv: str = arg("ifpo", "ifpo (Eqs. 2-4) | grpo (Eq. 2 alone)")
+    tau: float = arg(0.5, "IFPO's tau: 0 = GRPO, 1 = both behaviours equal total weight")
+    w_min: float = arg(0.1, "lower clip of the IFPO weights")
+    w_max: float = arg(10.0, "upper clip of the IFPO weights")
+    clip_eps: float = arg(0.2, "PPO clip range")
+    clip_eps_high: float | None = arg(None, "upper clip range if different (DAPO's clip-higher)")
+    beta: float = arg(0.0, "KL to the initial policy; 0 = none, as in the paper")
+    tool_penalty: float = arg(0.0, "reward penalty per valid tool call (the ablation IFPO replaces); 0 = the paper's Eq. 1")
+    lr: float = arg(2e-6, "RL learning rate (paper: 1e-6), cosine schedule")
+    warmup: float = arg(0.1, "share of RL steps spent warming the learning rate up")
+    group_size: int = arg(4, "rollouts per prompt, |G| (paper: 8)")
+    prompts_per_step: int = arg(2, "prompts per RL step, per process (paper: 16 in all)")
+    micro_batch_size: int = arg(8, "rollouts per forward/backward, within one group (gradient accumulation)")
+    updates_per_batch: int = arg(1, "optimizer steps on each batch of rollouts (1 = on-policy)")
+    max_new_tokens: int = arg(96, "tokens per model turn")
+    max_tool_calls: int = arg(2, "tool calls executed per rollout; a turn going past it ends the rollout")
+    max_total_tokens: int = arg(1024, "tokens per conversation: prompt, turns and tool results")
+    rollout_batch_size: int | None = arg(None, "rollouts decoded together (bounds the KV cache); default: all of a step")
+    temperature: float = arg(1.0, "sampling temperature of the rollouts")
+    epochs: float = arg(2.0, "RL epochs over the prompts, when --max_steps is 0")
+    max_steps: int = arg(4, "cap on RL steps; 0 = run --epochs")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward (less memory, more time)")
+    judge: str = arg("offline", "offline (refusal patterns + label) | a Qwen3Guard-Gen hub id")
     # bookkeeping
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: str | None = field(default=None, metadata={"help": "a checkpoint folder, or 'auto' for the latest in output_dir"})
-    log_with: str | None = field(default=None, metadata={"help": "an accelerate tracker: tensorboard, wandb, ..."})
+    save_every: int = arg(0, "save a resumable checkpoint every N RL steps; 0 = only the final model")
+    keep_checkpoints: int = arg(2, "how many resumable checkpoints to keep")
+    resume: str | None = arg(None, "a checkpoint folder, or 'auto' for the latest complete one in output_dir")
+    log_with: str | None = arg(None, "an accelerate tracker: tensorboard, wandb, ...")
     # collect
-    collect_out: str = "outputs/bc_collected.jsonl"
-    collect_samples: int = 4
+    collect_out: str = arg("outputs/bc_collected.jsonl", "--stage collect: where the kept conversations go")
+    collect_samples: int = arg(4, "--stage collect: rollouts sampled per prompt")
 
 
 # ----------------------------------------------------------------------------- data
-# hub datasets with a known column mapping: name[:config] -> (config, prompt column, label)
+# hub datasets with a known column mapping: name[:config] -> (config, prompt column, label).
+# None of them is an eval benchmark (eval.BENCHMARKS): or-bench-hard-1k is eval-only (a test checks).
 HUB_PROMPTS = {
     "OpenSafetyLab/Salad-Data:base_set": ("base_set", "question", "harmful"),
     "OpenSafetyLab/Salad-Data:attack_enhanced_set": ("attack_enhanced_set", "augq", "harmful"),
     "bench-llm/or-bench:or-bench-80k": ("or-bench-80k", "prompt", "sensitive"),
-    "bench-llm/or-bench:or-bench-hard-1k": ("or-bench-hard-1k", "prompt", "sensitive"),
 }
 LABELS = ("harmful", "sensitive")
 LABEL_ALIASES = {"benign": "sensitive"}  # so eval-shaped files (harmful / benign) work as training data
@@ -484,10 +491,6 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
 
 
 # ----------------------------------------------------------------------------- reinforcement learning
-def make_judge(name: str, device=None):
-    return ascl.OfflineJudge() if name == "offline" else ascl.GuardJudge(name, device=device)
-
-
 def prompts_for_step(prompts: list[dict], step: int, args: Args, accelerator: Accelerator) -> list[dict]:
     """This process's prompts for a step: a seeded shuffle per epoch, so resuming needs only the step."""
     global_batch = args.prompts_per_step * accelerator.num_processes
@@ -642,7 +645,7 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
     global_batch = args.prompts_per_step * accelerator.num_processes
     steps = int(args.epochs * (len(prompts) // global_batch))
     steps = min(steps, args.max_steps) if args.max_steps else steps
-    judge = make_judge(args.judge, accelerator.device)
+    judge = ascl.make_judge(args.judge, accelerator.device)
     # the initial policy, for --beta: where RL started (BC checkpoint or --model), also after a resume
     initial = str(Path(args.output_dir) / "bc") if args.stage == "all" else args.model
     ref_model = None
@@ -688,7 +691,7 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
 def collect(args: Args, model, chat, rule_book, prompts: list[dict]):
     """Run a teacher with the tool available and keep the trajectories the reward fully accepts.
     With the policy itself as the teacher this is DGR-style, distribution-grounded BC data."""
-    judge = make_judge(args.judge)
+    judge = ascl.make_judge(args.judge)
     kept = 0
     Path(args.collect_out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.collect_out, "w", encoding="utf-8") as f:

@@ -215,10 +215,7 @@ def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
             for m in msgs:
                 if m["role"] == "assistant":
                     t.turns.append(_message_text(m))
-                    calls = ascl.parse_tool_calls(t.turns[-1])
-                    t.num_tool_calls += len(calls)
-                    t.faulty_calls += sum(c.error is not None for c in calls)
-                    t.syntax_error |= any(c.syntax_error for c in calls)
+                    t.count_calls(ascl.parse_tool_calls(t.turns[-1]))
                 elif m["role"] == "tool":
                     if len(t.tool_results) < len(t.turns):
                         t.tool_results.append([])
@@ -226,6 +223,7 @@ def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
             # cut by the token budget, or ended on a tool call that was not answered
             t.truncated = not ids or ids[-1] != eos_id or len(t.tool_results) > max_tool_calls or (
                 bool(t.turns) and bool(ascl.parse_tool_calls(t.turns[-1])))
+            t.answer = ascl.final_answer(t.turns, t.truncated)
             trajs.append(t)
         verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
         return [ascl.reward(t.label, t, v).total for t, v in zip(trajs, verdicts)]

@@ -363,7 +363,8 @@ def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenize
 # ----------------------------------------------------------------------------- reward (Eq. 1)
 def traj(turns, label="harmful", calls=0, faulty=0, syntax=False, truncated=False):
     return Trajectory("p", label, [], [], turns=turns, num_tool_calls=calls, faulty_calls=faulty,
-                      syntax_error=syntax, truncated=truncated)
+                      valid_calls=calls - faulty, syntax_error=syntax, truncated=truncated,
+                      answer=ascl.final_answer(turns, truncated))
 
 
 SAFE_REFUSAL = ["<think>Harmful.</think>I can't help with that."]

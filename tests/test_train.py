@@ -61,9 +61,7 @@ def test_bundled_bc_data_mixes_2_3_2_and_every_demonstration_earns_full_reward(t
     assert counts["harmful_tool"] * 3 == counts["sensitive_tool"] * 2 == counts["sensitive_direct"] * 3
     chat = ascl.ChatFormat(tokenizer)
     for c in train.load_bc_conversations(str(ROOT / "data/bc_seed.jsonl"), rule_book):
-        ids, mask, _ = chat.encode_conversation(c["prompt"], c["turns"], c["tool_results"])
-        t = ascl.Trajectory(c["prompt"], c["label"], ids, mask, turns=c["turns"], tool_results=c["tool_results"],
-                            num_tool_calls=len(c["tool_results"]))
+        t = ascl.trajectory_from_turns(chat, c["prompt"], c["label"], c["turns"], c["tool_results"])
         verdict = ascl.OfflineJudge()([t.prompt], [t.answer], [t.label])[0]
         assert ascl.reward(t.label, t, verdict).total == 1.5, c["prompt"]
 
@@ -538,3 +536,12 @@ def test_too_few_rl_prompts_for_one_step_are_refused_before_the_model_loads(tiny
     one = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "x", "label": "harmful"}])
     with pytest.raises(SystemExit, match="1 RL prompts, fewer than one step needs"):
         train.main(rl_args(tiny_model_dir, tmp_path / "out", rl_data=[one]))
+
+
+def test_rl_hub_sources_are_not_eval_benchmarks():
+    """RL data and eval sets are disjoint by construction: no hub (dataset, config) is in both."""
+    import eval as evaluation
+
+    rl = {(name.split(":")[0], config) for name, (config, _, _) in train.HUB_PROMPTS.items()}
+    ev = {(b.path, b.config) for b in evaluation.BENCHMARKS.values()}
+    assert rl and not rl & ev
