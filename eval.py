@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
 import ascl
+import plumbing
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [str(HERE / f"data/eval_{kind}.jsonl") for kind in ("harmful", "benign", "math")]
@@ -128,7 +129,7 @@ def read_rows(path: str | Path) -> list[dict]:
     if path.suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    return ascl.read_jsonl(path)
+    return plumbing.read_jsonl(path)
 
 
 def load_from_hub(name: str, spec: Benchmark) -> list[dict]:
@@ -169,7 +170,7 @@ def map_rows(rows: list[dict], spec: Benchmark, source: str) -> list[dict]:
 
 
 def check_rows(rows: list[dict], source: str) -> list[dict]:
-    """Every row well-formed (ascl.check_row: prompt and label) and of one label; prompts stripped
+    """Every row well-formed (plumbing.check_row: prompt and label) and of one label; prompts stripped
     (OKTest's end in a newline)."""
     if not rows:
         raise SystemExit(f"{source} holds no rows (after filtering)")
@@ -178,7 +179,7 @@ def check_rows(rows: list[dict], source: str) -> list[dict]:
             if column not in r:
                 raise SystemExit(f"{source}: row {n} has no column {column!r}; each row needs prompt, label "
                                  f"(and answer when the label is math)")
-        ascl.check_row(r, LABELS, f"{source}: row {n}")
+        plumbing.check_row(r, LABELS, f"{source}: row {n}")
         if r["label"] == "math":
             r["answer"] = str(r["answer"]).strip()
     labels = sorted({r["label"] for r in rows})
@@ -416,12 +417,12 @@ def check_settings(args: Args):
 
 
 def fit_prompts(benchmarks: dict[str, list[dict]], chats: dict[str, ascl.ChatFormat], args: Args) -> dict:
-    """Over-long prompts dropped (ascl.drop_long_prompts, the rule train.py uses too) under every
+    """Over-long prompts dropped (plumbing.drop_long_prompts, the rule train.py uses too) under every
     model's tokenizer, so that every model answers the same prompts."""
     for name, chat in chats.items():
         for bench, rows in benchmarks.items():
             suffix = MATH_INSTRUCTION if rows[0]["label"] == "math" else ""
-            benchmarks[bench] = ascl.drop_long_prompts(rows, chat, args.max_new_tokens, args.max_total_tokens,
+            benchmarks[bench] = plumbing.drop_long_prompts(rows, chat, args.max_new_tokens, args.max_total_tokens,
                                                        f"{bench} ({name})", suffix)
     return benchmarks
 
@@ -429,7 +430,7 @@ def fit_prompts(benchmarks: dict[str, list[dict]], chats: dict[str, ascl.ChatFor
 def save_results(out: Path, args: Args, results: dict, complete: bool):
     """results.json, rewritten atomically after every benchmark: a later failure loses nothing scored.
     "complete" is false until every model has answered every benchmark."""
-    ascl.write_atomic(out / "results.json", json.dumps({"settings": asdict(args), "complete": complete,
+    plumbing.write_atomic(out / "results.json", json.dumps({"settings": asdict(args), "complete": complete,
                                                         "models": results}, indent=2))
 
 
@@ -439,7 +440,7 @@ def main(args: Args) -> dict:
     args.data = args.data or DEFAULT_DATA
     check_settings(args)
     benchmarks = load_benchmarks(args.data, args.limit)  # bad data stops us before any model loads
-    chats = {name: ascl.ChatFormat(ascl.load_tokenizer(None if name == "embedded" else name)) for name in args.model}
+    chats = {name: ascl.ChatFormat(plumbing.load_tokenizer(None if name == "embedded" else name)) for name in args.model}
     benchmarks = fit_prompts(benchmarks, chats, args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -450,7 +451,7 @@ def main(args: Args) -> dict:
     results = {}
     for name, chat in chats.items():
         tqdm.write(f"loading {name}")
-        model = ascl.load_model(None if name == "embedded" else name,
+        model = plumbing.load_model(None if name == "embedded" else name,
                                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         model.to(device)
         set_seed(args.seed)  # every model sees the same sampling randomness
@@ -461,7 +462,7 @@ def main(args: Args) -> dict:
             scores[bench] = score(s, rows[0]["label"], len(rows))
             samples += s
             results[name] = summarise(scores)
-            ascl.write_atomic(out / f"samples-{model_tag(name)}.jsonl",
+            plumbing.write_atomic(out / f"samples-{model_tag(name)}.jsonl",
                               "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples))
             save_results(out, args, results, complete=False)
         del model

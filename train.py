@@ -14,9 +14,7 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 import ascl
+import plumbing
 from ifpo import group_advantages, inverse_frequency_weights, policy_loss
 
 HERE = Path(__file__).resolve().parent
@@ -109,12 +108,12 @@ LABEL_ALIASES = {"benign": "sensitive"}  # so eval-shaped files (harmful / benig
 def load_rl_prompts(sources: list[str], harmful_fraction: float, max_prompts: int | None, seed: int) -> list[dict]:
     """{"prompt", "label"} rows from local JSONL files and known hub datasets, mixed so that
     `harmful_fraction` of them are harmful (the larger pool is subsampled). Every local row is checked
-    (ascl.check_row); label "benign" is read as "sensitive"."""
+    (plumbing.check_row); label "benign" is read as "sensitive"."""
     rows = []
     for src in sources:
         if src.endswith(".jsonl") or Path(src).exists():
-            rows += [ascl.check_row({"prompt": r["prompt"], "label": r["label"]}, LABELS, f"{src}: row {n}", LABEL_ALIASES)
-                     for n, r in enumerate(ascl.read_jsonl(src, ("prompt", "label")), 1)]
+            rows += [plumbing.check_row({"prompt": r["prompt"], "label": r["label"]}, LABELS, f"{src}: row {n}", LABEL_ALIASES)
+                     for n, r in enumerate(plumbing.read_jsonl(src, ("prompt", "label")), 1)]
             continue
         if src not in HUB_PROMPTS:
             raise SystemExit(f"unknown RL data {src!r}: give a .jsonl file or one of {sorted(HUB_PROMPTS)}")
@@ -177,11 +176,11 @@ def load_bc_conversations(path: str, rule_book: ascl.RuleBook) -> list[dict]:
     """BC rows as {"prompt", "label", "turns", "tool_results"}: either that shape (written by
     `--stage collect`) or the bundled seed shape (think / query / think_after / answer). Every row is
     checked; an error names the row."""
-    rows = ascl.read_jsonl(path, ("prompt", "label"))
+    rows = plumbing.read_jsonl(path, ("prompt", "label"))
     out = []
     for n, r in enumerate(rows, 1):
         where = f"{path}: row {n}"
-        ascl.check_row(r, LABELS, where, LABEL_ALIASES)
+        plumbing.check_row(r, LABELS, where, LABEL_ALIASES)
         if "turns" in r:
             turns, results = r["turns"], r.get("tool_results", [])
             if not (turns and is_texts(turns) and isinstance(results, list) and all(is_texts(x) for x in results)):
@@ -301,109 +300,20 @@ def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]]
     return logprobs, mask, torch.cat([first_h.unsqueeze(1), rest_h], 1) * mask
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(accelerator: Accelerator, model, tokenizer, folder: Path, state: dict, optimizer=None, scheduler=None):
-    """Atomically: everything goes into a hidden temporary folder, renamed once complete, so a
-    crash mid-save never leaves a half-written checkpoint. Loadable with from_pretrained."""
-    tmp = folder.parent / f".tmp-{folder.name}"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        extra = {}
-        if optimizer is not None:
-            extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        torch.save({**state, **extra}, tmp / "trainer_state.pt")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    accelerator.wait_for_everyone()
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` cannot be resumed from (missing or damaged weights or trainer state), or None.
-    Cheap: reads file headers, not the weights."""
-    if not (folder / "trainer_state.pt").is_file():
-        return "it holds no trainer_state.pt (not a complete checkpoint)"
-    if not any(folder.glob("*.safetensors")):
-        return "it holds no .safetensors weights"
-    problem = ascl.weights_problem(folder)
-    if problem:
-        return problem
-    try:
-        torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # a file cut short fails to open as a zip archive
-        return f"trainer_state.pt is damaged ({type(e).__name__}: {e})"
-    return None
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint in output_dir that can be resumed from; damaged ones are skipped, with a line."""
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
-    for p in found:
-        problem = checkpoint_problem(p)
-        if problem is None:
-            return p
-        if (p / "trainer_state.pt").is_file():  # complete once, damaged since: worth saying
-            print(f"skipping damaged checkpoint {p}: {problem}")
-    return None
-
-
+# ----------------------------------------------------------------------------- checkpoints and the optimizer
 def resume_point(args: Args) -> tuple[Path | None, int | None]:
     """--resume -> (checkpoint folder, its RL step), checked before anything loads; (None, None) if not resuming."""
     if not args.resume:
         return None, None
-    folder = latest_checkpoint(Path(args.output_dir)) if args.resume == "auto" else Path(args.resume)
+    folder = plumbing.latest_checkpoint(Path(args.output_dir)) if args.resume == "auto" else Path(args.resume)
     if folder is None:
         raise SystemExit(f"nothing to resume from: {args.output_dir!r} holds no complete checkpoint")
-    problem = checkpoint_problem(folder)
+    problem = plumbing.checkpoint_problem(folder)
     if problem:
         raise SystemExit(f"cannot resume from {folder}: {problem}; give an earlier checkpoint, or --resume auto "
                          f"to take the newest complete one")
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
     return folder, state["step"]
-
-
-def start_log(output_dir: Path, resume_step: int | None):
-    """A fresh run starts a fresh log.jsonl; a resumed one keeps its rows up to the checkpoint's step,
-    so the steps redone are not logged twice (rewritten atomically)."""
-    path = output_dir / "log.jsonl"
-    if not path.exists():
-        return
-    if resume_step is None:
-        path.unlink()
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if not (row.get("stage") == "rl" and row.get("step", 0) > resume_step):
-            kept.append(line + "\n")
-    ascl.write_atomic(path, "".join(kept))
-
-
-def prune_checkpoints(output_dir: Path, keep: int):
-    done = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for p in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def restore_rng(folder: Path, process_index: int):
-    rng = torch.load(folder / f"rng_state_{process_index}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
@@ -482,7 +392,7 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
             bar.update()
             bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
             if accelerator.is_main_process:
-                log_jsonl(args, {"stage": "bc", "step": step, "epoch": epoch, "loss": loss,
+                plumbing.log_jsonl(args.output_dir, {"stage": "bc", "step": step, "epoch": epoch, "loss": loss,
                                  "lr": scheduler.get_last_lr()[0]})
     bar.close()
     model = accelerator.unwrap_model(model)
@@ -652,7 +562,7 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
     if args.beta:
         if resume_from is not None:
             initial = torch.load(resume_from / "trainer_state.pt", weights_only=False).get("initial_policy", initial)
-            ref_model = ascl.load_policy(initial)[0]
+            ref_model = plumbing.load_policy(initial)[0]
         else:
             ref_model = copy.deepcopy(model)
         ref_model = ref_model.to(accelerator.device).eval().requires_grad_(False)
@@ -666,7 +576,7 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
         state = torch.load(resume_from / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng(resume_from, accelerator.process_index)
+        plumbing.restore_rng(resume_from, accelerator.process_index)
         start = state["step"]
     out = Path(args.output_dir)
     bar = tqdm(range(start, steps), desc=f"RL ({args.adv})", initial=start, total=steps,
@@ -676,14 +586,14 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
         log = rl_step(args, accelerator, model, optimizer, scheduler, chat, rule_book, judge, prompts, step, ref_model)
         bar.set_postfix(reward=f"{log['reward_mean']:.2f}", tool=f"{log['tool_rate']:.2f}", loss=f"{log['loss']:.3f}")
         if accelerator.is_main_process:
-            log_jsonl(args, {"stage": "rl", **log})
+            plumbing.log_jsonl(args.output_dir, {"stage": "rl", **log})
         accelerator.log(log, step=step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
-            save_checkpoint(accelerator, model, tokenizer, out / f"checkpoint-{step + 1}",
+            plumbing.save_checkpoint(accelerator, model, tokenizer, out / f"checkpoint-{step + 1}",
                             {"stage": "rl", "step": step + 1, "args": asdict(args), "initial_policy": initial},
                             optimizer, scheduler)
             if accelerator.is_main_process:
-                prune_checkpoints(out, args.keep_checkpoints)
+                plumbing.prune_checkpoints(out, args.keep_checkpoints)
     return model, {"rl_steps": steps, **{f"last_{k}": v for k, v in log.items() if k in ("reward_mean", "tool_rate", "loss")}}
 
 
@@ -747,12 +657,12 @@ def load_data(args: Args, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, resum
     bc = rl = None
     if args.stage in ("bc", "all") and not resuming:
         conversations = load_bc_conversations(args.bc_data, rule_book)
-        conversations = ascl.drop_long_prompts(conversations, chat, args.max_new_tokens, args.max_total_tokens,
+        conversations = plumbing.drop_long_prompts(conversations, chat, args.max_new_tokens, args.max_total_tokens,
                                                args.bc_data)
         bc = bc_samples(chat, conversations, args.max_total_tokens)
     if args.stage in ("rl", "all", "collect"):
         rl = load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
-        rl = ascl.drop_long_prompts(rl, chat, args.max_new_tokens, args.max_total_tokens, "RL data")
+        rl = plumbing.drop_long_prompts(rl, chat, args.max_new_tokens, args.max_total_tokens, "RL data")
     if args.stage in ("rl", "all"):
         global_batch = args.prompts_per_step * num_processes
         if len(rl) < global_batch:
@@ -764,18 +674,11 @@ def load_data(args: Args, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, resum
 
 
 # ----------------------------------------------------------------------------- main
-def log_jsonl(args: Args, row: dict):
-    path = Path(args.output_dir) / "log.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def main(args: Args):
     check_args(args)
     resume_from, resume_step = resume_point(args)
     model_name = str(resume_from) if resume_from else args.model
-    chat = ascl.ChatFormat(ascl.load_tokenizer(model_name))
+    chat = ascl.ChatFormat(plumbing.load_tokenizer(model_name))
     rule_book = ascl.RuleBook.from_json()
     accelerator = Accelerator(log_with=args.log_with)
     bc_data, rl_prompts = load_data(args, chat, rule_book, resume_from is not None, accelerator.num_processes)
@@ -783,8 +686,8 @@ def main(args: Args):
     set_seed(args.seed)
     out = Path(args.output_dir)
     if accelerator.is_main_process:
-        start_log(out, resume_step)
-    model, tokenizer = ascl.load_model(model_name), chat.tokenizer
+        plumbing.start_log(out, resume_step)
+    model, tokenizer = plumbing.load_model(model_name), chat.tokenizer
     if args.stage == "collect":
         return collect(args, model.to(accelerator.device), chat, rule_book, rl_prompts)
     accelerator.init_trackers("ascl", config={k: str(v) for k, v in asdict(args).items()})
@@ -794,11 +697,11 @@ def main(args: Args):
         model, s = behaviour_cloning(args, accelerator, model, tokenizer, chat, bc_data)
         summary.update(s)
         if args.stage == "all":
-            save_checkpoint(accelerator, model, tokenizer, out / "bc", {"stage": "bc", "step": 0, "args": asdict(args)})
+            plumbing.save_checkpoint(accelerator, model, tokenizer, out / "bc", {"stage": "bc", "step": 0, "args": asdict(args)})
     if args.stage in ("rl", "all"):
         model, s = reinforcement_learning(args, accelerator, model, tokenizer, chat, rule_book, resume_from, rl_prompts)
         summary.update(s)
-    save_checkpoint(accelerator, model, tokenizer, out / "final", {"stage": args.stage, "args": asdict(args)})
+    plumbing.save_checkpoint(accelerator, model, tokenizer, out / "final", {"stage": args.stage, "args": asdict(args)})
     accelerator.end_training()
     if accelerator.is_main_process:
         summary["saved_to"] = str(out / "final")

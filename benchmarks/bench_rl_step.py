@@ -4,7 +4,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_rl_step.py [--repeats 3] [--prompts 4] [--group-size 8]
         [--max-new-tokens 64] [--micro-batch-size 8] [--model M]
 
-Workload, both sides: the embedded SmolLM2-135M (`ascl.load_policy(None)`, the GGUF file de-quantised
+Workload, both sides: the embedded SmolLM2-135M (`plumbing.load_policy(None)`, the GGUF file de-quantised
 to fp32), CPU, no bf16, no gradient checkpointing, beta = 0 (no reference model), lr 1e-6, fused AdamW (train.make_optimizer; TRL's default optim is adamw_torch_fused too),
 max grad norm 1.0, clip eps 0.2, temperature 1, top_k 0; the same 4 prompts (train.py's own choice
 for step 0 from the bundled RL data) x 8 rollouts; the `retrieve_policy` tool (at most 2 tool rounds);
@@ -103,10 +103,11 @@ def worker_train(a) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     import ascl
+    import plumbing
     import train
 
     set_seed(a.seed)
-    model, tokenizer = ascl.load_policy(a.model)
+    model, tokenizer = plumbing.load_policy(a.model)
     rss_loaded = rss_mib()
     with tempfile.TemporaryDirectory() as out:
         args = train_args(a, out)
@@ -240,9 +241,10 @@ def worker_trl(a) -> dict:
     from trl.chat_template_utils import qwen3_template
 
     import ascl
+    import plumbing
 
     set_seed(a.seed)
-    model, tokenizer = ascl.load_policy(a.model)
+    model, tokenizer = plumbing.load_policy(a.model)
     rss_loaded = rss_mib()
     train_chat = ascl.ChatFormat(tokenizer)  # train.py's rendering, for the prompt-id check only
     expected_ids = {}
@@ -405,9 +407,9 @@ def main():
 
 
 def _model_name() -> str:
-    import ascl
+    import plumbing
 
-    return ascl.embedded_model_path().name
+    return plumbing.embedded_model_path().name
 
 
 if __name__ == "__main__":

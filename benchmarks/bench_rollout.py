@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import ascl  # noqa: E402
+import plumbing  # noqa: E402
 import decoding  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def main():
     ascl.DECODER = decoding.ReferenceDecoder if a.reference else functools.partial(decoding.TurnDecoder, chunk=a.chunk)
 
     torch.manual_seed(0)
-    model, tokenizer = ascl.load_policy(a.model)
+    model, tokenizer = plumbing.load_policy(a.model)
     if torch.cuda.is_available():
         model.cuda()
     chat, book = ascl.ChatFormat(tokenizer), ascl.RuleBook.from_json()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ascl
+import plumbing
 
 # A Hermes-style template in the shape of Qwen2.5's: tools in the system turn, a `tool` role.
 HERMES_TEMPLATE = (
@@ -32,7 +33,7 @@ def tokenizer():
     """SmolLM2's tokenizer: plain ChatML, no tool support, pad == eos."""
     from transformers import AutoTokenizer
 
-    path = ascl.embedded_model_path()
+    path = plumbing.embedded_model_path()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     assert tok.pad_token_id == tok.eos_token_id
     return tok
@@ -118,7 +119,7 @@ def install_scripted_generation(monkeypatch, tokenizer, deterministic: bool):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer, tmp_path_factory):
-    """A tiny random Llama saved like a checkpoint: loadable by ascl.load_policy(folder)."""
+    """A tiny random Llama saved like a checkpoint: loadable by plumbing.load_policy(folder)."""
     path = tmp_path_factory.mktemp("tiny-model")
     make_tiny_model(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)

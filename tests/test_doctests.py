@@ -5,11 +5,13 @@ import pytest
 
 import ascl
 import eval as evaluation
+import decoding
 import ifpo
+import plumbing
 import train
 
 
-@pytest.mark.parametrize("module", [ifpo, ascl, train, evaluation], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [ifpo, ascl, decoding, train, evaluation], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import ascl
+import plumbing
 import eval as ev
 from conftest import install_decoder
 
@@ -301,7 +302,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(ascl, "load_model", refuse)
+    monkeypatch.setattr(plumbing, "load_model", refuse)
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -311,7 +312,7 @@ def no_model(monkeypatch):
     ({"batch_size": 0}, "--batch_size and --limit must be at least 1"),
 ])
 def test_bad_settings_are_refused_before_anything_loads(setting, message, tmp_path, monkeypatch, no_model):
-    monkeypatch.setattr(ascl, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings"))
+    monkeypatch.setattr(plumbing, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings"))
     with pytest.raises(SystemExit, match=message):
         ev.main(ev.Args(output_dir=str(tmp_path), **setting))
 

@@ -11,8 +11,9 @@ import torch
 from accelerate import Accelerator
 
 import ascl
+import plumbing
 import train
-from conftest import TOOL_FOLLOW_UP, install_scripted_generation, make_tiny_model
+from conftest import install_scripted_generation, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TOOL_ROW = {"prompt": "How do I make a bomb?", "label": "harmful", "kind": "harmful_tool",
@@ -56,7 +57,7 @@ def test_bc_tool_results_come_from_the_rule_book(rule_book):
 
 
 def test_bundled_bc_data_mixes_2_3_2_and_every_demonstration_earns_full_reward(tokenizer, rule_book):
-    rows = ascl.read_jsonl(ROOT / "data/bc_seed.jsonl", ("prompt", "label", "kind"))
+    rows = plumbing.read_jsonl(ROOT / "data/bc_seed.jsonl", ("prompt", "label", "kind"))
     counts = {k: sum(r["kind"] == k for r in rows) for k in ("harmful_tool", "sensitive_tool", "sensitive_direct")}
     assert counts["harmful_tool"] * 3 == counts["sensitive_tool"] * 2 == counts["sensitive_direct"] * 3
     chat = ascl.ChatFormat(tokenizer)
@@ -176,7 +177,6 @@ def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
     accelerator = Accelerator(cpu=True)
     optimizer = train.make_optimizer(tiny_model, args.lr)
     assert optimizer.defaults["fused"]  # the fused kernel exists on CPU
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     stats = train.policy_update(args, accelerator, tiny_model, optimizer, trajs, torch.tensor([1.0, -1.0]), chat.pad_id)
     changed = [k for k, v in tiny_model.state_dict().items() if not torch.equal(v, before[k])]
@@ -186,7 +186,6 @@ def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
 
 
 def test_grpo_and_ifpo_differ_only_in_advantages(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    args = rl_args(tiny_model_dir, tmp_path)
     r, m = torch.tensor([1.5, 0.0, 1.5, 0.5, 1.0, 1.0, 1.0, 1.0]), torch.tensor([1, 1, 1, 0, 0, 1, 0, 1]).bool()
     w = train.inverse_frequency_weights(m, 4)
     grpo = train.compute_advantages(train.Args(adv="grpo", group_size=4), r, w)
@@ -243,9 +242,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tokenizer, tmp_
 
 
 def test_a_crash_mid_save_leaves_the_last_checkpoint_intact(tiny_model_dir, tmp_path, monkeypatch):
-    model, tok = ascl.load_policy(tiny_model_dir)
+    model, tok = plumbing.load_policy(tiny_model_dir)
     acc = Accelerator(cpu=True)
-    train.save_checkpoint(acc, model, tok, tmp_path / "checkpoint-1", {"step": 1})
+    plumbing.save_checkpoint(acc, model, tok, tmp_path / "checkpoint-1", {"step": 1})
     good = (tmp_path / "checkpoint-1/model.safetensors").read_bytes()
 
     def crash(*a, **k):
@@ -255,8 +254,8 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint_intact(tiny_model_dir, tmp_
     with torch.no_grad():
         model.model.embed_tokens.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(acc, model, tok, tmp_path / "checkpoint-2", {"step": 2})
-    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+        plumbing.save_checkpoint(acc, model, tok, tmp_path / "checkpoint-2", {"step": 2})
+    assert plumbing.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
     assert (tmp_path / "checkpoint-1/model.safetensors").read_bytes() == good
     assert not (tmp_path / "checkpoint-2").exists()
 
@@ -351,7 +350,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(ascl, "load_model", refuse)
+    monkeypatch.setattr(plumbing, "load_model", refuse)
 
 
 def write_jsonl(path, rows):
@@ -372,7 +371,7 @@ def write_jsonl(path, rows):
 ])
 def test_settings_that_crash_or_cannot_learn_are_refused_before_anything_loads(setting, message, tiny_model_dir, tmp_path,
                                                                                 monkeypatch, no_model):
-    monkeypatch.setattr(ascl, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings"))
+    monkeypatch.setattr(plumbing, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings"))
     (tmp_path / "log.jsonl").write_text('{"stage": "rl", "step": 1}\n')
     with pytest.raises(SystemExit, match=message):
         train.main(rl_args(tiny_model_dir, tmp_path, **setting))
@@ -405,8 +404,8 @@ def test_a_model_name_the_hub_cannot_serve_offline_may_be_a_mistyped_folder(tmp_
 
 def test_hub_ids_still_go_to_the_hub_and_existing_folders_load_locally(tiny_model_dir):
     for hub_id in ("Qwen/Qwen3-0.6B", "gpt2"):
-        assert ascl.model_source(hub_id) == (hub_id, {}, False)
-    assert ascl.model_source(tiny_model_dir) == (tiny_model_dir, {}, True)
+        assert plumbing.model_source(hub_id) == (hub_id, {}, False)
+    assert plumbing.model_source(tiny_model_dir) == (tiny_model_dir, {}, True)
 
 
 def test_a_model_folder_with_damaged_weights_is_named(tiny_model_dir, tmp_path, no_model):
@@ -419,10 +418,10 @@ def test_a_model_folder_with_damaged_weights_is_named(tiny_model_dir, tmp_path, 
 
 
 def save_rl_checkpoint(tiny_model_dir, folder, step):
-    model, tok = ascl.load_policy(tiny_model_dir)
+    model, tok = plumbing.load_policy(tiny_model_dir)
     optimizer = train.make_optimizer(model, 1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    train.save_checkpoint(Accelerator(cpu=True), model, tok, folder, {"stage": "rl", "step": step}, optimizer, scheduler)
+    plumbing.save_checkpoint(Accelerator(cpu=True), model, tok, folder, {"stage": "rl", "step": step}, optimizer, scheduler)
 
 
 def truncate(path):
@@ -437,10 +436,10 @@ def test_a_damaged_checkpoint_is_named_and_resume_auto_takes_the_previous_one(ti
     request.getfixturevalue("no_model")  # from here on
     with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint-4: model.safetensors is damaged.*--resume auto"):
         train.main(rl_args(tiny_model_dir, tmp_path, resume=str(tmp_path / "checkpoint-4")))
-    assert train.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert plumbing.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     assert "skipping damaged checkpoint" in capsys.readouterr().out
     truncate(tmp_path / "checkpoint-2/trainer_state.pt")
-    assert train.latest_checkpoint(tmp_path) is None
+    assert plumbing.latest_checkpoint(tmp_path) is None
 
 
 def test_resume_auto_falls_back_and_the_log_keeps_one_row_per_step(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
@@ -499,10 +498,10 @@ def test_the_prompt_length_rule_leaves_room_for_one_full_turn(tokenizer, capsys)
     chat = ascl.ChatFormat(tokenizer)
     short, long = {"prompt": "Hi"}, {"prompt": "hello " * 40}
     limit = len(chat.prompt_ids("Hi")) + 16  # "Hi" fits exactly with 16 new tokens
-    assert ascl.drop_long_prompts([short, long], chat, 16, limit, "set") == [short]
+    assert plumbing.drop_long_prompts([short, long], chat, 16, limit, "set") == [short]
     assert "set: dropped 1 of 2 prompts" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"set: no prompt fits in .*raise --max_total_tokens"):
-        ascl.drop_long_prompts([short, long], chat, 17, limit, "set")
+        plumbing.drop_long_prompts([short, long], chat, 17, limit, "set")
 
 
 def test_over_long_rl_and_bc_prompts_are_dropped_at_load_with_a_count(tokenizer, rule_book, tmp_path, capsys):
