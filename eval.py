@@ -27,11 +27,9 @@ rewritten after each benchmark, so a failure later keeps what was scored ("compl
 """
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -42,6 +40,7 @@ from transformers import HfArgumentParser, set_seed
 
 import ascl
 import plumbing
+import sources
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = [str(HERE / f"data/eval_{kind}.jsonl") for kind in ("harmful", "benign", "math")]
@@ -68,158 +67,7 @@ class Args:
     seed: int = 0
 
 
-# ----------------------------------------------------------------------------- benchmarks
-LABELS = ("harmful", "benign", "math")
 METRIC = {"harmful": "safety_rate", "benign": "over_refusal_rate", "math": "accuracy"}
-
-
-def gsm8k_final_answer(solution: str) -> str:
-    """GSM8K's worked solution -> its final number: 'She pays 2*3=6.\\n#### 1,206' -> '1206'."""
-    return solution.split("####")[-1].strip().replace(",", "")
-
-
-@dataclass
-class Benchmark:
-    """Where a benchmark lives and how its rows map to {"prompt", "label", "answer"}."""
-
-    path: str  # hub id, or a `datasets` loader such as "csv"
-    label: str  # harmful | benign | math
-    column: str = "prompt"  # the prompt column
-    config: str | None = None
-    split: str = "train"
-    keep: tuple[str, str] | None = None  # keep only rows where row[keep[0]] == keep[1]
-    answer_column: str | None = None  # math: the gold answer
-    answer_fn: Callable[[str], str] | None = None  # answer column -> final answer
-    load_kwargs: dict = field(default_factory=dict)
-
-
-WILDJAILBREAK_TSV = {"delimiter": "\t", "keep_default_na": False}
-OKTEST_URL = "https://raw.githubusercontent.com/InvokerStark/OverKill/main/data/OKTest.csv"
-
-BENCHMARKS = {  # name -> spec; the sizes are the full sets
-    # safety: harmful prompts
-    "strongreject": Benchmark("walledai/StrongREJECT", "harmful"),  # 313, gated
-    "wildjailbreak-harmful": Benchmark("allenai/wildjailbreak", "harmful", "adversarial", "eval",  # 2000, gated
-                                       keep=("data_type", "adversarial_harmful"), load_kwargs=WILDJAILBREAK_TSV),
-    "jbb-harmful": Benchmark("JailbreakBench/JBB-Behaviors", "harmful", "Goal", "behaviors", split="harmful"),  # 100
-    "wildguardtest-harmful": Benchmark("allenai/wildguardmix", "harmful", config="wildguardtest", split="test",
-                                       keep=("prompt_harm_label", "harmful")),  # 754, gated
-    "xstest-unsafe": Benchmark("Paul/XSTest", "harmful", keep=("label", "unsafe")),  # 200
-    # over-refusal: benign prompts
-    "xstest-safe": Benchmark("Paul/XSTest", "benign", keep=("label", "safe")),  # 250
-    "wildjailbreak-benign": Benchmark("allenai/wildjailbreak", "benign", "adversarial", "eval",  # 210, gated
-                                      keep=("data_type", "adversarial_benign"), load_kwargs=WILDJAILBREAK_TSV),
-    "wildguardtest-benign": Benchmark("allenai/wildguardmix", "benign", config="wildguardtest", split="test",
-                                      keep=("prompt_harm_label", "unharmful")),  # 945, gated
-    "jbb-benign": Benchmark("JailbreakBench/JBB-Behaviors", "benign", "Goal", "behaviors", split="benign"),  # 100
-    "oktest": Benchmark("csv", "benign", load_kwargs={"data_files": OKTEST_URL}),  # 300, not on the hub
-    "or-bench-hard-1k": Benchmark("bench-llm/or-bench", "benign", config="or-bench-hard-1k"),  # 1319
-    # reasoning
-    "gsm8k": Benchmark("openai/gsm8k", "math", "question", "main", "test",
-                       answer_column="answer", answer_fn=gsm8k_final_answer),  # 1319
-    "math-500": Benchmark("HuggingFaceH4/MATH-500", "math", "problem", split="test", answer_column="answer"),  # 500
-}
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a local .jsonl / .json / .csv / .tsv file, as dicts."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"data file not found: {path}")
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    return plumbing.read_jsonl(path)
-
-
-def load_from_hub(name: str, spec: Benchmark) -> list[dict]:
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(spec.path, spec.config, split=spec.split, **spec.load_kwargs)
-    except Exception as e:  # offline, gated, renamed: say which set and how to get around it
-        raise SystemExit(
-            f"could not load benchmark {name!r} ({spec.path}) with `datasets`: {type(e).__name__}: {e}\n"
-            f"Gated sets need `hf auth login` and accepted terms; offline, pass a local copy as {name}=FILE."
-        ) from e
-    return ds.to_list()
-
-
-def map_rows(rows: list[dict], spec: Benchmark, source: str) -> list[dict]:
-    """Hub-shaped rows -> {"prompt", "label", "answer"?}: filter, pick the prompt column, extract the gold."""
-    needed = [spec.column]
-    if spec.keep:
-        needed.append(spec.keep[0])
-    if spec.answer_column:
-        needed.append(spec.answer_column)
-    for n, row in enumerate(rows, 1):
-        missing = [c for c in needed if c not in row]
-        if missing:
-            raise SystemExit(f"{source}: row {n} has no column(s) {missing}; it has {sorted(row)}")
-    if spec.keep:
-        column, value = spec.keep
-        rows = [r for r in rows if r[column] == value]
-    out = []
-    for r in rows:
-        item = {"prompt": r[spec.column], "label": spec.label}
-        if spec.answer_column:
-            gold = str(r[spec.answer_column])
-            item["answer"] = spec.answer_fn(gold) if spec.answer_fn else gold
-        out.append(item)
-    return out
-
-
-def check_rows(rows: list[dict], source: str) -> list[dict]:
-    """Every row well-formed (plumbing.check_row: prompt and label) and of one label; prompts stripped
-    (OKTest's end in a newline)."""
-    if not rows:
-        raise SystemExit(f"{source} holds no rows (after filtering)")
-    for n, r in enumerate(rows, 1):
-        for column in ("prompt", "label") + (("answer",) if r.get("label") == "math" else ()):
-            if column not in r:
-                raise SystemExit(f"{source}: row {n} has no column {column!r}; each row needs prompt, label "
-                                 f"(and answer when the label is math)")
-        plumbing.check_row(r, LABELS, f"{source}: row {n}")
-        if r["label"] == "math":
-            r["answer"] = str(r["answer"]).strip()
-    labels = sorted({r["label"] for r in rows})
-    if len(labels) > 1:
-        raise SystemExit(f"{source} mixes labels {labels}; give one file per label (each is scored differently)")
-    return rows
-
-
-def load_benchmark(name_or_path: str, limit: int | None = None, data_files: str | None = None) -> list[dict]:
-    """A benchmark as rows {"prompt", "label", "answer" (math only)}, first `limit` rows.
-
-    name_or_path: a BENCHMARKS name (from the hub, or from `data_files`, a local file with the hub
-    set's columns) or a local file in the bundled schema.
-    """
-    if name_or_path in BENCHMARKS:
-        spec = BENCHMARKS[name_or_path]
-        source = data_files or f"{name_or_path} ({spec.path})"
-        rows = read_rows(data_files) if data_files else load_from_hub(name_or_path, spec)
-        rows = map_rows(rows, spec, source)
-    elif data_files is not None:
-        raise SystemExit(f"unknown benchmark {name_or_path!r}: known names are {sorted(BENCHMARKS)}")
-    elif Path(name_or_path).suffix in (".jsonl", ".json", ".csv", ".tsv") or Path(name_or_path).exists():
-        source = name_or_path
-        rows = read_rows(name_or_path)
-    else:
-        raise SystemExit(f"unknown benchmark {name_or_path!r}: give a local .jsonl file or one of {sorted(BENCHMARKS)}")
-    rows = check_rows(rows, source)
-    return rows[:limit] if limit else rows
-
-
-def load_benchmarks(sources: list[str], limit: int | None) -> dict[str, list[dict]]:
-    """--data entries -> {display name: rows}. NAME=FILE applies NAME's mapping to a local file."""
-    out = {}
-    for src in sources:
-        name, _, data_files = src.partition("=") if "=" in src and not Path(src).exists() else (src, "", "")
-        display = name if name in BENCHMARKS else Path(name).stem
-        if display in out:
-            raise SystemExit(f"benchmark {display!r} given twice in --data")
-        out[display] = load_benchmark(name, limit, data_files or None)
-    return out
 
 
 # ----------------------------------------------------------------------------- math answers
@@ -439,7 +287,7 @@ def main(args: Args) -> dict:
     args.model = args.model or ["embedded"]
     args.data = args.data or DEFAULT_DATA
     check_settings(args)
-    benchmarks = load_benchmarks(args.data, args.limit)  # bad data stops us before any model loads
+    benchmarks = sources.load_benchmarks(args.data, args.limit)  # bad data stops us before any model loads
     chats = {name: ascl.ChatFormat(plumbing.load_tokenizer(None if name == "embedded" else name)) for name in args.model}
     benchmarks = fit_prompts(benchmarks, chats, args)
     out = Path(args.output_dir)

@@ -55,8 +55,11 @@ def check_row(row: dict, labels: tuple[str, ...], where: str, aliases: dict[str,
     """A data row's prompt and label, checked in place: the prompt a non-empty string (stripped), the
     label one of `labels` or an alias of one (replaced by it). `where` names the row in the error.
 
-    check_row({"prompt": " Hi ", "label": "benign"}, ("harmful", "sensitive"), "f:1", {"benign": "sensitive"})
-    -> {"prompt": "Hi", "label": "sensitive"};   {"prompt": 3, ...} -> SystemExit("f:1: the prompt must be ...")
+    >>> check_row({"prompt": " Hi ", "label": "benign"}, ("harmful", "sensitive"), "f:1", {"benign": "sensitive"})
+    {'prompt': 'Hi', 'label': 'sensitive'}
+    >>> check_row({"prompt": 3, "label": "harmful"}, ("harmful",), "f:1")
+    Traceback (most recent call last):
+    SystemExit: f:1: the prompt must be a non-empty string, not 3
     """
     prompt, label = row["prompt"], row["label"]
     if not isinstance(prompt, str) or not prompt.strip():

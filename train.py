@@ -27,6 +27,7 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 import ascl
 import plumbing
+import sources
 from ifpo import group_advantages, inverse_frequency_weights, policy_loss
 
 HERE = Path(__file__).resolve().parent
@@ -93,110 +94,7 @@ class Args:
     collect_samples: int = arg(4, "--stage collect: rollouts sampled per prompt")
 
 
-# ----------------------------------------------------------------------------- data
-# hub datasets with a known column mapping: name[:config] -> (config, prompt column, label).
-# None of them is an eval benchmark (eval.BENCHMARKS): or-bench-hard-1k is eval-only (a test checks).
-HUB_PROMPTS = {
-    "OpenSafetyLab/Salad-Data:base_set": ("base_set", "question", "harmful"),
-    "OpenSafetyLab/Salad-Data:attack_enhanced_set": ("attack_enhanced_set", "augq", "harmful"),
-    "bench-llm/or-bench:or-bench-80k": ("or-bench-80k", "prompt", "sensitive"),
-}
-LABELS = ("harmful", "sensitive")
-LABEL_ALIASES = {"benign": "sensitive"}  # so eval-shaped files (harmful / benign) work as training data
-
-
-def load_rl_prompts(sources: list[str], harmful_fraction: float, max_prompts: int | None, seed: int) -> list[dict]:
-    """{"prompt", "label"} rows from local JSONL files and known hub datasets, mixed so that
-    `harmful_fraction` of them are harmful (the larger pool is subsampled). Every local row is checked
-    (plumbing.check_row); label "benign" is read as "sensitive"."""
-    rows = []
-    for src in sources:
-        if src.endswith(".jsonl") or Path(src).exists():
-            rows += [plumbing.check_row({"prompt": r["prompt"], "label": r["label"]}, LABELS, f"{src}: row {n}", LABEL_ALIASES)
-                     for n, r in enumerate(plumbing.read_jsonl(src, ("prompt", "label")), 1)]
-            continue
-        if src not in HUB_PROMPTS:
-            raise SystemExit(f"unknown RL data {src!r}: give a .jsonl file or one of {sorted(HUB_PROMPTS)}")
-        from datasets import load_dataset
-
-        config, column, label = HUB_PROMPTS[src]
-        ds = load_dataset(src.split(":")[0], config, split="train")
-        rows += [{"prompt": p, "label": label} for p in ds[column] if isinstance(p, str) and p.strip()]
-    rng = random.Random(seed)
-    harmful = [r for r in rows if r["label"] == "harmful"]
-    sensitive = [r for r in rows if r["label"] == "sensitive"]
-    if harmful and sensitive and 0 < harmful_fraction < 1:
-        ratio = harmful_fraction / (1 - harmful_fraction)
-        if len(harmful) > ratio * len(sensitive):
-            harmful = rng.sample(harmful, max(1, round(ratio * len(sensitive))))
-        else:
-            sensitive = rng.sample(sensitive, max(1, round(len(harmful) / ratio)))
-    rows = harmful + sensitive
-    rng.shuffle(rows)
-    return rows[:max_prompts] if max_prompts else rows
-
-
-def seed_row_to_conversation(row: dict, rule_book: ascl.RuleBook) -> tuple[list[str], list[list[str]]]:
-    """A bundled BC row -> (model turns, tool results); the tool result comes from the real rule book.
-
-    {"think": "Risky.", "query": "bombs", "think_after": "Forbidden.", "answer": "No."} ->
-    turns ['<think>\\nRisky.\\n<tool_call>...</tool_call>', 'Forbidden.\\n</think>\\n\\nNo.'],
-    tool results [[rule_book.retrieve_policy("bombs")]]
-    """
-    if not row.get("query"):
-        return [f"<think>\n{row['think']}\n</think>\n\n{row['answer']}"], []
-    call = json.dumps({"name": ascl.TOOL_NAME, "arguments": {"query": row["query"]}})
-    turns = [f"<think>\n{row['think']}\n<tool_call>\n{call}\n</tool_call>",
-             f"{row['think_after']}\n</think>\n\n{row['answer']}"]
-    return turns, [[rule_book.retrieve_policy(row["query"])]]
-
-
-def check_seed_row(row: dict, where: str):
-    """A bundled-shape BC row: 'think' and 'answer' are non-empty text; a row that consults the rule
-    book has both 'query' and 'think_after', a direct answer has neither (absent, null or "")."""
-    def text(key):
-        value = row.get(key)
-        if value is not None and not isinstance(value, str):
-            raise SystemExit(f"{where}: {key!r} must be a string, not {value!r:.60}")
-        return bool(value and value.strip())
-
-    if not (text("think") and text("answer")):
-        raise SystemExit(f"{where}: 'think' and 'answer' must be non-empty text")
-    if text("query") != text("think_after"):
-        has, lacks = ("query", "think_after") if text("query") else ("think_after", "query")
-        raise SystemExit(f"{where}: has {has!r} but no {lacks!r}; a row that consults the rule book needs "
-                         f"both, a direct answer neither")
-
-
-def is_texts(x) -> bool:
-    return isinstance(x, list) and all(isinstance(t, str) for t in x)
-
-
-def load_bc_conversations(path: str, rule_book: ascl.RuleBook) -> list[dict]:
-    """BC rows as {"prompt", "label", "turns", "tool_results"}: either that shape (written by
-    `--stage collect`) or the bundled seed shape (think / query / think_after / answer). Every row is
-    checked; an error names the row."""
-    rows = plumbing.read_jsonl(path, ("prompt", "label"))
-    out = []
-    for n, r in enumerate(rows, 1):
-        where = f"{path}: row {n}"
-        plumbing.check_row(r, LABELS, where, LABEL_ALIASES)
-        if "turns" in r:
-            turns, results = r["turns"], r.get("tool_results", [])
-            if not (turns and is_texts(turns) and isinstance(results, list) and all(is_texts(x) for x in results)):
-                raise SystemExit(f"{where}: 'turns' must be a non-empty list of strings and 'tool_results' "
-                                 f"a list of lists of strings")
-        elif "answer" in r and "think" in r:
-            check_seed_row(r, where)
-            turns, results = seed_row_to_conversation(r, rule_book)
-        else:
-            raise SystemExit(f"{where}: a BC row needs 'turns' (+ 'tool_results') or 'think' + 'answer'")
-        if len(results) != len(turns) - 1:
-            raise SystemExit(f"{where}: {len(turns)} turns need {len(turns) - 1} tool results")
-        out.append({"prompt": r["prompt"], "label": r["label"], "turns": turns, "tool_results": results})
-    return out
-
-
+# ----------------------------------------------------------------------------- behaviour-cloning samples
 def bc_samples(chat: ascl.ChatFormat, conversations: list[dict], max_total_tokens: int) -> list[tuple[list[int], list[int]]]:
     """One (ids, action_mask) sample per model turn, loss on that turn only (METHOD.md section 3).
 
@@ -656,12 +554,12 @@ def load_data(args: Args, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, resum
     stop on its RL data after BC has run. Returns (BC samples or None, RL prompts or None)."""
     bc = rl = None
     if args.stage in ("bc", "all") and not resuming:
-        conversations = load_bc_conversations(args.bc_data, rule_book)
+        conversations = sources.load_bc_conversations(args.bc_data, rule_book)
         conversations = plumbing.drop_long_prompts(conversations, chat, args.max_new_tokens, args.max_total_tokens,
                                                args.bc_data)
         bc = bc_samples(chat, conversations, args.max_total_tokens)
     if args.stage in ("rl", "all", "collect"):
-        rl = load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
+        rl = sources.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
         rl = plumbing.drop_long_prompts(rl, chat, args.max_new_tokens, args.max_total_tokens, "RL data")
     if args.stage in ("rl", "all"):
         global_batch = args.prompts_per_step * num_processes

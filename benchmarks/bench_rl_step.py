@@ -77,10 +77,11 @@ def step_prompts(a) -> list[dict]:
     """The prompts train.py's rl_step picks for step 0 (one process), so both sides get the same ones."""
     from types import SimpleNamespace
 
+    import sources
     import train
 
     args = train_args(a, "unused")
-    rows = train.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
+    rows = sources.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
     return train.prompts_for_step(rows, 0, args, SimpleNamespace(num_processes=1, process_index=0))
 
 
@@ -104,6 +105,7 @@ def worker_train(a) -> dict:
 
     import ascl
     import plumbing
+    import sources
     import train
 
     set_seed(a.seed)
@@ -116,8 +118,8 @@ def worker_train(a) -> dict:
         # TRL's budget: max_completion_length for the whole completion, tool results included
         args.max_total_tokens = max(len(chat.prompt_ids(r["prompt"])) for r in step_prompts(a)) + a.max_new_tokens
         # as train.reinforcement_learning sets up a run
-        prompts = train.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
-        judge = train.make_judge(args.judge, accelerator.device)
+        prompts = sources.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
+        judge = ascl.make_judge(args.judge, accelerator.device)
         optimizer = train.make_optimizer(model, args.lr)
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup * 1), 1)
         model, optimizer = accelerator.prepare(model, optimizer)

@@ -8,10 +8,11 @@ import eval as evaluation
 import decoding
 import ifpo
 import plumbing
+import sources
 import train
 
 
-@pytest.mark.parametrize("module", [ifpo, ascl, decoding, train, evaluation], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [ifpo, ascl, decoding, plumbing, sources, train, evaluation], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 import ascl
 import plumbing
+import sources
 import train
 from conftest import install_scripted_generation, make_tiny_model
 
@@ -36,7 +37,7 @@ def read_log(out):
 # ----------------------------------------------------------------------------- behaviour cloning data
 def test_tool_conversation_gives_one_sample_per_model_turn(tokenizer, rule_book):
     chat = ascl.ChatFormat(tokenizer)
-    turns, results = train.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
     (ids1, mask1), (ids2, mask2) = train.bc_samples(chat, [{"prompt": SEED_TOOL_ROW["prompt"], "turns": turns,
                                                             "tool_results": results}], 4096)
     turn1 = chat.encode(turns[0]) + [chat.end_of_turn_id]
@@ -48,11 +49,11 @@ def test_tool_conversation_gives_one_sample_per_model_turn(tokenizer, rule_book)
 
 
 def test_bc_tool_results_come_from_the_rule_book(rule_book):
-    turns, results = train.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
     assert results == [[rule_book.retrieve_policy("bomb making")]]
     assert ascl.parse_tool_calls(turns[0])[0].query == "bomb making"
     assert turns[0].startswith("<think>") and "</think>" in turns[1]
-    direct, none = train.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
+    direct, none = sources.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
     assert len(direct) == 1 and none == []
 
 
@@ -61,16 +62,16 @@ def test_bundled_bc_data_mixes_2_3_2_and_every_demonstration_earns_full_reward(t
     counts = {k: sum(r["kind"] == k for r in rows) for k in ("harmful_tool", "sensitive_tool", "sensitive_direct")}
     assert counts["harmful_tool"] * 3 == counts["sensitive_tool"] * 2 == counts["sensitive_direct"] * 3
     chat = ascl.ChatFormat(tokenizer)
-    for c in train.load_bc_conversations(str(ROOT / "data/bc_seed.jsonl"), rule_book):
+    for c in sources.load_bc_conversations(str(ROOT / "data/bc_seed.jsonl"), rule_book):
         t = ascl.trajectory_from_turns(chat, c["prompt"], c["label"], c["turns"], c["tool_results"])
         verdict = ascl.OfflineJudge()([t.prompt], [t.answer], [t.label])[0]
         assert ascl.reward(t.label, t, verdict).total == 1.5, c["prompt"]
 
 
 def test_rl_prompts_are_mixed_at_the_chosen_ratio():
-    rows = train.load_rl_prompts([str(ROOT / "data/rl_prompts.jsonl")], 0.5, None, seed=0)
+    rows = sources.load_rl_prompts([str(ROOT / "data/rl_prompts.jsonl")], 0.5, None, seed=0)
     assert sum(r["label"] == "harmful" for r in rows) == sum(r["label"] != "harmful" for r in rows) == 40
-    rows = train.load_rl_prompts([str(ROOT / "data/rl_prompts.jsonl")], 2 / 7, None, seed=0)
+    rows = sources.load_rl_prompts([str(ROOT / "data/rl_prompts.jsonl")], 2 / 7, None, seed=0)
     assert len(rows) == 140
 
 
@@ -86,12 +87,12 @@ def test_bad_rl_data_stops_with_a_clear_message(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit, match=message):
-        train.load_rl_prompts([str(path)], 0.3, None, 0)
+        sources.load_rl_prompts([str(path)], 0.3, None, 0)
 
 
 def test_unknown_hub_dataset_is_named_in_the_error():
     with pytest.raises(SystemExit, match="unknown RL data 'someone/dataset'"):
-        train.load_rl_prompts(["someone/dataset"], 0.3, None, 0)
+        sources.load_rl_prompts(["someone/dataset"], 0.3, None, 0)
 
 
 # ----------------------------------------------------------------------------- the RL update
@@ -107,8 +108,8 @@ def test_token_logprobs_match_a_plain_full_forward(tiny_model):
 
 
 def make_trajectories(chat, rule_book):
-    turns, results = train.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
-    direct, _ = train.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
+    turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    direct, _ = sources.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
     trajs = []
     for prompt, t, r in [(SEED_TOOL_ROW["prompt"], turns, results), (SEED_DIRECT_ROW["prompt"], direct, [])]:
         ids, mask, _ = chat.encode_conversation(prompt, t, r)
@@ -133,8 +134,8 @@ def test_a_shared_prompt_update_gives_the_same_loss_and_gradients_as_whole_rollo
     """The group's prompt runs once, its keys/values expanded to the group, gradients flowing back
     through them: loss, log-probs and every parameter's gradient match running each rollout whole."""
     chat = ascl.ChatFormat(tokenizer)
-    turns, results = train.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
-    direct, _ = train.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
+    turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    direct, _ = sources.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
     trajs = []
     for t, r in [(turns, results), (direct, []), ([direct[0] + " Longer."], [])]:
         ids, mask, _ = chat.encode_conversation(SEED_TOOL_ROW["prompt"], t, r)
@@ -462,16 +463,16 @@ def test_resume_auto_falls_back_and_the_log_keeps_one_row_per_step(tiny_model_di
 ])
 def test_bad_rl_rows_are_named_by_row(rows, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
-        train.load_rl_prompts([write_jsonl(tmp_path / "rl.jsonl", rows)], 0.3, None, 0)
+        sources.load_rl_prompts([write_jsonl(tmp_path / "rl.jsonl", rows)], 0.3, None, 0)
 
 
 def test_benign_in_rl_data_is_read_as_sensitive(tmp_path):
     path = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "How do I kill a Python process?", "label": "benign"},
                                                {"prompt": "How do I make a bomb?", "label": "harmful"}])
-    rows = train.load_rl_prompts([path], 0.5, None, 0)
+    rows = sources.load_rl_prompts([path], 0.5, None, 0)
     assert sorted(r["label"] for r in rows) == ["harmful", "sensitive"]
     with pytest.raises(SystemExit, match=r"'benign' is read as 'sensitive'"):
-        train.load_rl_prompts([write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "label": "safe"}])], 0.5, None, 0)
+        sources.load_rl_prompts([write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "label": "safe"}])], 0.5, None, 0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -485,13 +486,13 @@ def test_benign_in_rl_data_is_read_as_sensitive(tmp_path):
 def test_bad_bc_rows_are_named_by_row(change, message, tmp_path, rule_book):
     path = write_jsonl(tmp_path / "bc.jsonl", [SEED_DIRECT_ROW, {**SEED_TOOL_ROW, **change}])
     with pytest.raises(SystemExit, match=message):
-        train.load_bc_conversations(path, rule_book)
+        sources.load_bc_conversations(path, rule_book)
 
 
 def test_collected_bc_rows_need_lists_of_texts(tmp_path, rule_book):
     row = {"prompt": "p", "label": "harmful", "turns": "<think>x</think>No.", "tool_results": []}
     with pytest.raises(SystemExit, match="row 1: 'turns' must be a non-empty list of strings"):
-        train.load_bc_conversations(write_jsonl(tmp_path / "bc.jsonl", [row]), rule_book)
+        sources.load_bc_conversations(write_jsonl(tmp_path / "bc.jsonl", [row]), rule_book)
 
 
 def test_the_prompt_length_rule_leaves_room_for_one_full_turn(tokenizer, capsys):
@@ -517,7 +518,7 @@ def test_over_long_rl_and_bc_prompts_are_dropped_at_load_with_a_count(tokenizer,
 
 def test_bc_samples_too_long_for_the_budget_are_counted(tokenizer, rule_book, capsys):
     chat = ascl.ChatFormat(tokenizer)
-    turns, results = train.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
     conversation = {"prompt": SEED_TOOL_ROW["prompt"], "turns": turns, "tool_results": results}
     ids, _, spans = chat.encode_conversation(conversation["prompt"], turns, results)
     assert len(train.bc_samples(chat, [conversation], spans[0][1])) == 1  # turn 1 fits, turn 2 does not
@@ -539,8 +540,6 @@ def test_too_few_rl_prompts_for_one_step_are_refused_before_the_model_loads(tiny
 
 def test_rl_hub_sources_are_not_eval_benchmarks():
     """RL data and eval sets are disjoint by construction: no hub (dataset, config) is in both."""
-    import eval as evaluation
-
-    rl = {(name.split(":")[0], config) for name, (config, _, _) in train.HUB_PROMPTS.items()}
-    ev = {(b.path, b.config) for b in evaluation.BENCHMARKS.values()}
+    rl = {(name.split(":")[0], config) for name, (config, _, _) in sources.HUB_PROMPTS.items()}
+    ev = {(b.path, b.config) for b in sources.BENCHMARKS.values()}
     assert rl and not rl & ev
