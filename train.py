@@ -145,20 +145,33 @@ def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, action: to
         ids      p p a E g g          action 0 0 1 1 0 0
         ids[1:]    p a E g g          mask     0 1 1 0 0   <- returned, shifted by one
         positions 1 and 2 (predicting a and E) are the only ones whose logits are computed.
+    With several rows, only each row's own trained positions go through the output layer.
     """
     logprobs, mask, _ = _shifted_logprobs(model, ids, attention, action)
     return logprobs, mask
 
 
 def _shifted_logprobs(model, ids, attention, action, past=None, positions=None):
-    """token_logprobs, plus the policy's entropy at the trained positions (no gradient)."""
+    """token_logprobs, plus the policy's entropy at the trained positions (no gradient).
+
+    The output layer runs on the trained positions only: a pre-hook on it keeps, of the
+    positions some row trains (logits_to_keep), just each row's own, so no full-vocabulary
+    logits are made for prompt, tool or padding tokens (and soft-capping models stay exact).
+    """
     mask = action[:, 1:]
     keep = mask.any(dim=0).nonzero().squeeze(1)  # (P,) positions predicting a trained token
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=past,
-                   use_cache=past is not None, logits_to_keep=keep).logits.float()  # (B, P, V)
-    picked, entropy = _logprobs_and_entropy(logits, ids[:, 1:].index_select(1, keep))
-    logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_copy(1, keep, picked)
-    return logprobs * mask, mask, torch.zeros_like(logprobs).index_copy(1, keep, entropy) * mask
+    rows, cols = mask.index_select(1, keep).nonzero(as_tuple=True)  # (N,) each trained token: row, kept position
+    head = getattr(model, "module", model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, inputs: (inputs[0][rows, cols].unsqueeze(0),))
+    try:
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=past,
+                       use_cache=past is not None, logits_to_keep=keep).logits[0].float()  # (N, V)
+    finally:
+        hook.remove()
+    picked, entropy = _logprobs_and_entropy(logits, ids[:, 1:].index_select(1, keep)[rows, cols])
+    where = (rows, keep[cols])
+    logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(where, picked)
+    return logprobs, mask, torch.zeros_like(logprobs).index_put(where, entropy)
 
 
 def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor):
