@@ -14,7 +14,7 @@ import ascl
 import plumbing
 import sources
 import train
-from conftest import install_scripted_generation, make_tiny_model
+from conftest import SCRIPTS, TOOL_FOLLOW_UP, install_decoder, install_scripted_generation, make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_TOOL_ROW = {"prompt": "How do I make a bomb?", "label": "harmful", "kind": "harmful_tool",
@@ -229,16 +229,29 @@ def test_grpo_and_ifpo_differ_only_in_advantages(tiny_model_dir, tokenizer, tmp_
 
 
 # ----------------------------------------------------------------------------- the whole job
-def test_full_pipeline_saves_a_model_that_loads_with_from_pretrained(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+def test_full_pipeline_saves_a_model_that_loads_with_from_pretrained(tiny_model_dir, tokenizer, tmp_path, monkeypatch,
+                                                                    capsys):
     from transformers import AutoModelForCausalLM
 
-    install_scripted_generation(monkeypatch, tokenizer, deterministic=False)
+    def write(ctx, j):  # the harmful prompt consults the rule book, the others mix behaviours
+        text = tokenizer.decode(ctx)
+        turn = (TOOL_FOLLOW_UP if text.count("<|im_start|>assistant") > 1 else
+                SCRIPTS[0] if "pipe bomb" in text else SCRIPTS[(len(text) + j) % len(SCRIPTS)])
+        return tokenizer(turn, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    install_decoder(monkeypatch, write)
     summary = train.main(rl_args(tiny_model_dir, tmp_path, stage="all", bc_epochs=1, bc_batch_size=16, max_steps=2))
     log = read_log(tmp_path)
     assert [r["stage"] for r in log].count("rl") == 2 and log[0]["stage"] == "bc"
     for key in ("reward_mean", "tool_rate_harmful", "tool_rate_sensitive", "ifpo_weight_tool", "zero_spread_groups",
-                "clip_frac", "approx_kl", "grad_norm", "lr", "response_length", "rollout_s", "update_s"):
+                "clip_frac", "approx_kl", "grad_norm", "lr", "response_length", "rollout_s", "update_s", "entropy",
+                "steps_per_s"):
         assert key in log[-1]
+    assert log[-1]["entropy"] > 0
+    # the run ends by showing the trained model at work: turns, the rules that came back, the reward
+    shown = capsys.readouterr().out
+    assert shown.count("=== ") == 3 and "=== harmful prompt: " in shown and shown.count("reward ") >= 3
+    assert "tool  | Result 1" in shown and "consulted the rule book: True" in shown
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert (tmp_path / "bc" / "config.json").is_file() and summary["rl_steps"] == 2
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
