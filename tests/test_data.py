@@ -1,4 +1,4 @@
-"""The bundled eval sets (data/README.md): 100+ prompts each, held out from the training data."""
+"""The bundled data (data/README.md): held-out eval sets of 100+ prompts, the BC mix, the RL mix."""
 import json
 import re
 from collections import Counter
@@ -60,3 +60,32 @@ def test_a_prefix_of_an_eval_set_is_a_fair_sample_of_it():
 def test_math_golds_are_integers():
     for r in rows("eval_math"):
         assert r["label"] == "math" and r["answer"].lstrip("-").isdigit(), r
+
+
+# ----------------------------------------------------------------------------- training mixes
+def test_bc_mix_is_the_papers_2_3_2_plus_direct_ordinary_and_math_answers():
+    data = rows("bc_seed")
+    kinds = Counter(r["kind"] for r in data)
+    assert kinds["harmful_tool"] * 3 == kinds["sensitive_tool"] * 2 == kinds["sensitive_direct"] * 3  # 2:3:2
+    assert kinds["ordinary_direct"] >= 10 and kinds["math_direct"] >= 10
+    for r in data:
+        with_tool = r["kind"].endswith("_tool")
+        assert bool(r.get("query")) == with_tool == bool(r.get("think_after")), r["prompt"]
+        assert r["label"] == ("harmful" if r["kind"] == "harmful_tool" else "sensitive")
+
+
+def test_bc_math_rows_use_the_eval_protocol_and_end_with_the_right_answer_line():
+    maths = [r for r in rows("bc_seed") if r["kind"] == "math_direct"]
+    for r in maths:
+        assert r["prompt"].endswith(ev.MATH_INSTRUCTION)
+        assert r["answer"].splitlines()[-1].startswith("Answer: ")
+        steps = re.findall(r"(\d+) ([-+×÷]) (\d+) = (\d+)", r["think"])
+        assert steps, r["think"]
+        for a, op, b, c in steps:  # every worked step is right
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b), "÷": int(a) / int(b)}[op] == int(c), r
+        assert ev.extract_answer(r["answer"]) == steps[-1][3], r  # and the answer line gives its result
+
+
+def test_rl_prompts_keep_the_papers_2_to_5_mix():
+    labels = Counter(r["label"] for r in rows("rl_prompts"))
+    assert set(labels) == {"harmful", "sensitive"} and labels["harmful"] * 5 == labels["sensitive"] * 2
