@@ -20,11 +20,11 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
     ("Answer: 3\nOn second thought...\nAnswer: 4", "4"),  # the last line counts
     ("**Answer:** $1,234.", "$1,234."),
     ("Final answer: \\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}}"),
-    ("The answer is 27.", None),  # no 'Answer:' line
-    ("Answer:\n27", None),  # nothing on the line
-    (None, None),  # no answer at all (truncated, or no </think>)
+    ("The answer is 27.", "27"),  # no 'Answer:' line: the last number
+    ("Answer:\n27", "27"),  # nothing on the line: the last number
+    ("No idea.", None), (None, None),  # no number at all
 ])
-def test_the_value_on_the_last_answer_line_is_extracted(text, expected):
+def test_the_value_on_the_last_answer_line_else_the_last_number_is_extracted(text, expected):
     assert ev.extract_answer(text) == expected
 
 

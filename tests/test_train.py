@@ -69,10 +69,12 @@ def test_bundled_bc_data_mixes_2_3_2_and_every_demonstration_earns_full_reward(t
 
 
 def test_rl_prompts_are_mixed_at_the_chosen_ratio():
+    bundled = plumbing.read_jsonl(ROOT / "data/rl_prompts.jsonl", ("prompt", "label"))
+    harmful = sum(r["label"] == "harmful" for r in bundled)
     rows = sources.load_rl_prompts([str(ROOT / "data/rl_prompts.jsonl")], 0.5, None, seed=0)
-    assert sum(r["label"] == "harmful" for r in rows) == sum(r["label"] != "harmful" for r in rows) == 40
+    assert sum(r["label"] == "harmful" for r in rows) == sum(r["label"] != "harmful" for r in rows) == harmful
     rows = sources.load_rl_prompts([str(ROOT / "data/rl_prompts.jsonl")], 2 / 7, None, seed=0)
-    assert len(rows) == 140
+    assert len(rows) == len(bundled)  # the bundled file is already 2:5
 
 
 @pytest.mark.parametrize("content,message", [

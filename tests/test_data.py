@@ -1,0 +1,91 @@
+"""The bundled data (data/README.md): held-out eval sets of 100+ prompts, the BC mix, the RL mix."""
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+EVAL_SETS = ("eval_harmful", "eval_benign", "eval_math")
+TRAIN_SETS = ("bc_seed", "rl_prompts")
+
+
+def rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def normalised(prompt: str) -> str:
+    """Lower-case, whitespace collapsed, eval.py's math instruction dropped (training rows may carry it)."""
+    return " ".join(prompt.replace(ev.MATH_INSTRUCTION, "").lower().split())
+
+
+# ----------------------------------------------------------------------------- held-out eval sets
+@pytest.mark.parametrize("name", EVAL_SETS)
+def test_each_eval_set_has_at_least_100_distinct_prompts(name):
+    prompts = [normalised(r["prompt"]) for r in rows(name)]
+    assert len(prompts) >= 100 and len(set(prompts)) == len(prompts)
+
+
+@pytest.mark.parametrize("name", EVAL_SETS)
+def test_eval_sets_share_no_prompt_with_the_training_data(name):
+    train = {normalised(r["prompt"]) for t in TRAIN_SETS for r in rows(t)}
+    leaked = [r["prompt"] for r in rows(name) if normalised(r["prompt"]) in train]
+    assert not leaked, f"{name}.jsonl prompts also in the training data: {leaked}"
+
+
+def test_eval_sets_share_no_prompt_with_each_other():
+    seen = {}
+    for name in EVAL_SETS:
+        for r in rows(name):
+            other = seen.setdefault(normalised(r["prompt"]), name)
+            assert other == name, f"{r['prompt']!r} is in both {other} and {name}"
+
+
+def test_harmful_eval_set_covers_all_21_rule_book_categories():
+    categories = Counter(r["category"] for r in rows("eval_harmful"))
+    assert set(categories) == set(json.loads((ROOT / "rules.json").read_text())["categories"])
+    assert min(categories.values()) >= 3
+
+
+def test_a_prefix_of_an_eval_set_is_a_fair_sample_of_it():
+    """eval.py --limit takes the first rows: the first 21 harmful prompts cover every category."""
+    assert len({r["category"] for r in rows("eval_harmful")[:21]}) == 21
+    assert len({r["category"] for r in rows("eval_benign")[:20]}) == len({r["category"] for r in rows("eval_benign")})
+
+
+def test_math_golds_are_integers():
+    for r in rows("eval_math"):
+        assert r["label"] == "math" and r["answer"].lstrip("-").isdigit(), r
+
+
+# ----------------------------------------------------------------------------- training mixes
+def test_bc_mix_is_the_papers_2_3_2_plus_direct_ordinary_and_math_answers():
+    data = rows("bc_seed")
+    kinds = Counter(r["kind"] for r in data)
+    assert kinds["harmful_tool"] * 3 == kinds["sensitive_tool"] * 2 == kinds["sensitive_direct"] * 3  # 2:3:2
+    assert kinds["ordinary_direct"] >= 10 and kinds["math_direct"] >= 10
+    for r in data:
+        with_tool = r["kind"].endswith("_tool")
+        assert bool(r.get("query")) == with_tool == bool(r.get("think_after")), r["prompt"]
+        assert r["label"] == ("harmful" if r["kind"] == "harmful_tool" else "sensitive")
+
+
+def test_bc_math_rows_use_the_eval_protocol_and_end_with_the_right_answer_line():
+    maths = [r for r in rows("bc_seed") if r["kind"] == "math_direct"]
+    for r in maths:
+        assert r["prompt"].endswith(ev.MATH_INSTRUCTION)
+        assert r["answer"].splitlines()[-1].startswith("Answer: ")
+        steps = re.findall(r"(\d+) ([-+×÷]) (\d+) = (\d+)", r["think"])
+        assert steps, r["think"]
+        for a, op, b, c in steps:  # every worked step is right
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b), "÷": int(a) / int(b)}[op] == int(c), r
+        assert ev.extract_answer(r["answer"]) == steps[-1][3], r  # and the answer line gives its result
+
+
+def test_rl_prompts_keep_the_papers_2_to_5_mix():
+    labels = Counter(r["label"] for r in rows("rl_prompts"))
+    assert set(labels) == {"harmful", "sensitive"} and labels["harmful"] * 5 == labels["sensitive"] * 2
