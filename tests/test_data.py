@@ -62,6 +62,12 @@ def test_math_golds_are_integers():
         assert r["label"] == "math" and r["answer"].lstrip("-").isdigit(), r
 
 
+def test_echoing_a_math_question_never_scores():
+    """The answer rule's last-number fallback must not credit a model that only repeats the question."""
+    for r in rows("eval_math"):
+        assert not ev.answers_match(ev.extract_answer(r["prompt"]), r["answer"]), r["prompt"]
+
+
 # ----------------------------------------------------------------------------- training mixes
 def test_bc_mix_is_the_papers_2_3_2_plus_direct_ordinary_and_math_answers():
     data = rows("bc_seed")
