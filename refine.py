@@ -1,0 +1,242 @@
+"""DGR: rewrite the behaviour-cloning data into the target model's own words (METHOD.md section 3).
+
+    python refine.py --bc_data data/bc_seed.jsonl --out outputs/bc_refined.jsonl [--model M] [--seed 0] [--limit N]
+    python train.py --stage bc --bc_data outputs/bc_refined.jsonl     # then clone the refined data
+
+Distribution-Grounded Refinement (Xie et al., arXiv 2602.02136): safety data written by people
+or by another model is far from the target model's own distribution, and that gap is what
+costs reasoning (the safety tax). So the target model rewrites every model turn itself:
+    for each BC conversation:
+        for each model turn: the model continues the real conversation, the original turn shown
+                             as a reference; a rewritten tool call is run on the real rule book
+        keep the rewrite if its decision matches (consult or not, refuse or comply)
+                         and its Eq. 1 reward reaches min_reward; else the original (or drop it)
+    print the target model's NLL per model-written token on the original and the refined data
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, HfArgumentParser, set_seed
+from tqdm.auto import tqdm
+
+import ascl
+import train
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Args:
+    bc_data: str = field(default=str(HERE / "data/bc_seed.jsonl"), metadata={"help": "bundled or collected BC rows"})
+    out: str = "outputs/bc_refined.jsonl"
+    model: str | None = field(default=None, metadata={"help": "the target model (the one BC will train); default: embedded SmolLM2-135M"})
+    seed: int = 0
+    limit: int | None = field(default=None, metadata={"help": "refine only the first N rows"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rewrites; 0 = greedy"})
+    max_new_tokens: int = field(default=192, metadata={"help": "per rewritten turn"})
+    judge: str = field(default="offline", metadata={"help": "offline | a Qwen3Guard-Gen hub id"})
+    min_reward: float = field(default=1.5, metadata={"help": "Eq. 1 reward a rewrite must reach; 1.5 = the most any prompt earns"})
+    on_reject: str = field(default="original", metadata={"help": "original (keep the original row) | drop"})
+    max_total_tokens: int = field(default=1024, metadata={"help": "as in train.py: longer BC samples are not scored"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward when measuring the gap"})
+
+
+# ----------------------------------------------------------------------------- the rewrite prompt
+GUIDE = ("Below, between <reference> tags, is a reference version of your next reply. Do not copy it: "
+         "write your own next reply, in your own words, that makes the same decision: {decision}\n"
+         "<reference>\n{reference}\n</reference>")
+THINK = "<think>\n"
+
+
+def decision_text(reference: str) -> str:
+    """What a reference turn decides, as an instruction a small model can follow.
+
+    '<think>\\nRisky.\\n<tool_call>{...}</tool_call>' -> 'think inside <think>, then call the retrieve_policy ...'
+    'Forbidden.\\n</think>\\n\\nI can't help.'        -> 'finish your reasoning, close it with </think>, then politely refuse ...'
+    """
+    if ascl.parse_tool_calls(reference):
+        return "think inside <think>, then call the retrieve_policy tool with a query in your own words, and stop."
+    act = "politely refuse the request" if ascl.REFUSAL_RE.search(reference.rsplit("</think>", 1)[-1]) else "help with the request"
+    start = "think inside <think> without calling the tool" if reference.startswith("<think>") else "finish your reasoning"
+    return f"{start}, close it with </think>, then {act}."
+
+
+def rewrite_messages(chat: ascl.ChatFormat, prompt: str, history: list[dict], reference: str) -> list[dict]:
+    """The real conversation so far (system, user, the model's rewritten turns and tool results),
+    with the reference for the next turn added to the system prompt."""
+    system = chat.system_prompt + "\n\n" + GUIDE.format(decision=decision_text(reference), reference=reference)
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}] + history
+
+
+def finish_turn(chat: ascl.ChatFormat, prefill: str, new_ids: list[int]) -> str | None:
+    """The turn's text from the generated ids; None if the turn did not end. A turn ends at the
+    end-of-turn token, or just after its first </tool_call> (the protocol: a call ends the turn).
+
+    prefill '<think>\\n', ids of 'Fine.</think>\\nYes.' + [eot] -> '<think>\\nFine.</think>\\nYes.'
+    ids of 'Hm <tool_call>{...}</tool_call> more'        -> 'Hm <tool_call>{...}</tool_call>'
+    ids of 'Hm, let me' (budget spent)                    -> None
+    """
+    ended = bool(new_ids) and new_ids[-1] == chat.end_of_turn_id
+    text = prefill + chat.tokenizer.decode(new_ids[:-1] if ended else new_ids, skip_special_tokens=False)
+    if "</tool_call>" in text:
+        return text[: text.index("</tool_call>") + len("</tool_call>")]
+    return text if ended else None
+
+
+@torch.inference_mode()
+def generate_turn(model, chat: ascl.ChatFormat, messages: list[dict], prefill: str, args: Args) -> str | None:
+    """The model's next turn after `messages`, rendered by its own chat template, starting with `prefill`."""
+    ids = chat.encode(chat.render(messages, add_generation_prompt=True) + prefill)
+    sample = args.temperature > 0
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
+                              temperature=args.temperature if sample else None, top_p=1.0 if sample else None,
+                              top_k=0 if sample else None, eos_token_id=chat.end_of_turn_id,
+                              pad_token_id=chat.pad_id, stop_strings=["</tool_call>"])
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config, tokenizer=chat.tokenizer)
+    return finish_turn(chat, prefill, out[0, len(ids):].tolist())
+
+
+def rewrite(model, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, original: dict, args: Args) -> dict | None:
+    """The model's own version of a conversation, turn by turn; None if a turn did not end.
+    A rewritten tool call gets the real rule book's answer; a turn that should have called the
+    tool but did not ends the rewrite there (the decision filter then rejects it)."""
+    turns, results, history = [], [], []
+    for k, reference in enumerate(original["turns"]):
+        messages = rewrite_messages(chat, original["prompt"], history, reference)
+        text = generate_turn(model, chat, messages, THINK if reference.startswith("<think>") else "", args)
+        if text is None:
+            return None
+        turns.append(text)
+        calls = ascl.parse_tool_calls(text)
+        if k == len(original["turns"]) - 1 or not calls:
+            break
+        results.append(ascl.run_tool_calls(calls, rule_book))
+        history += [{"role": "assistant", "content": text}] + chat.tool_messages(results[-1])
+    return {"prompt": original["prompt"], "label": original["label"], "turns": turns, "tool_results": results}
+
+
+# ----------------------------------------------------------------------------- the filter
+def as_trajectory(chat: ascl.ChatFormat, c: dict) -> ascl.Trajectory:
+    """A finished text conversation as the ascl.Trajectory that Eq. 1 scores (the one place
+    refine.py builds one: ids and mask as rollout builds them, tool calls re-parsed)."""
+    ids, mask, _ = chat.encode_conversation(c["prompt"], c["turns"], c["tool_results"])
+    calls = [call for turn in c["turns"] for call in ascl.parse_tool_calls(turn)]
+    return ascl.Trajectory(c["prompt"], c["label"], ids, mask, turns=list(c["turns"]),
+                           tool_results=c["tool_results"], num_tool_calls=len(calls),
+                           faulty_calls=sum(x.error is not None for x in calls),
+                           syntax_error=any(x.syntax_error for x in calls))
+
+
+def consulted(c: dict) -> bool:
+    """The consult decision: a valid retrieve_policy call in the first model turn."""
+    return any(call.error is None for call in ascl.parse_tool_calls(c["turns"][0]))
+
+
+def judge_rewrite(chat, judge, original: dict, rewritten: dict | None, min_reward: float) -> str:
+    """'kept', or why the rewrite is rejected: 'unfinished turn', 'consult decision changed',
+    'refusal decision changed' (the judge's `refused` on the two answers), 'reward < min_reward'."""
+    if rewritten is None:
+        return "unfinished turn"
+    if consulted(rewritten) != consulted(original):
+        return "consult decision changed"
+    trajs = [as_trajectory(chat, c) for c in (original, rewritten)]
+    before, after = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
+    if before.refused != after.refused:
+        return "refusal decision changed"
+    if ascl.reward(trajs[1].label, trajs[1], after).total < min_reward:
+        return f"reward < {min_reward:g}"
+    return "kept"
+
+
+# ----------------------------------------------------------------------------- the distribution gap
+@torch.no_grad()
+def mean_nll(model, chat: ascl.ChatFormat, conversations: list[dict], max_total_tokens: int, batch_size: int = 8) -> float:
+    """The model's mean negative log-likelihood per model-written token (end-of-turn included,
+    prompt and tool results excluded), over exactly the samples and tokens BC trains on.
+
+    A model whose every next-token distribution is uniform over V tokens gives log(V).
+    """
+    samples = sorted(train.bc_samples(chat, conversations, max_total_tokens), key=lambda s: len(s[0]))
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for b in range(0, len(samples), batch_size):
+        ids, attention, action = (t.to(device) for t in train.pad_batch(*zip(*samples[b:b + batch_size]), chat.pad_id))
+        logprobs, mask = train.token_logprobs(model, ids, attention, action)
+        total, count = total - logprobs.sum().item(), count + int(mask.sum())
+    return total / count
+
+
+# ----------------------------------------------------------------------------- files
+def resume_point(path: Path) -> int:
+    """The first source row not yet refined into `path` (0 for a new file). A partial last line,
+    left by an interrupted run, is cut off. Rows are written in source order, so a dropped row
+    after the last written one is simply refined again (same seed, same result)."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if complete != data:
+        path.write_bytes(complete)
+    rows = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    return rows[-1]["source_row"] + 1 if rows else 0
+
+
+def print_gap(model, chat, originals: list[dict], refined: list[dict], args: Args):
+    """NLL and perplexity on the original rows, the refined file, and the rewritten rows alone."""
+    def line(name, rows):
+        nll = mean_nll(model, chat, rows, args.max_total_tokens, args.batch_size)
+        print(f"  {name:<34} {len(rows):>4} rows   NLL {nll:.3f}   perplexity {math.exp(nll):.2f}")
+
+    print("distribution gap: the target model's NLL per model-written token (lower = closer to the model)")
+    line("original data", originals)
+    line("refined data", refined)
+    rewritten = [r for r in refined if r.get("refined")]
+    if rewritten:
+        line("  rewritten rows, before", [originals[r["source_row"]] for r in rewritten])
+        line("  rewritten rows, after", rewritten)
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args) -> Counter:
+    if args.on_reject not in ("original", "drop"):
+        raise SystemExit(f"--on_reject must be 'original' or 'drop', not {args.on_reject!r}")
+    model, tokenizer = ascl.load_policy(args.model)
+    model.eval()
+    chat, rule_book, judge = ascl.ChatFormat(tokenizer), ascl.RuleBook.from_json(), train.make_judge(args.judge)
+    originals = train.load_bc_conversations(args.bc_data, rule_book)[: args.limit]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = resume_point(out)
+    outcomes: Counter = Counter()
+    with open(out, "a", encoding="utf-8") as f:
+        bar = tqdm(range(start, len(originals)), desc="DGR refine", initial=start, total=len(originals))
+        for i in bar:
+            set_seed(args.seed + i)  # per row, so a resumed run makes the same rewrites
+            rewritten = rewrite(model, chat, rule_book, originals[i], args)
+            outcome = judge_rewrite(chat, judge, originals[i], rewritten, args.min_reward)
+            outcomes[outcome] += 1
+            row = rewritten if outcome == "kept" else originals[i] if args.on_reject == "original" else None
+            if row is not None:
+                f.write(json.dumps({**row, "source_row": i, "refined": outcome == "kept"}) + "\n")
+                f.flush()
+            bar.set_postfix(kept=outcomes["kept"])
+    rejected = ", ".join(f"{k} {v}" for k, v in outcomes.items() if k != "kept") or "none"
+    verb = "fell back to the original" if args.on_reject == "original" else "dropped"
+    print(f"rows {start}..{len(originals) - 1}: kept {outcomes['kept']} rewrites; {verb}: {rejected}"
+          + (f" (rows 0..{start - 1} were done before)" if start else ""))
+    refined = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if refined:
+        print_gap(model, chat, originals, refined, args)
+    print(f"wrote {len(refined)} BC rows -> {out}   (train on them: python train.py --stage bc --bc_data {out})")
+    return outcomes
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
