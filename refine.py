@@ -44,7 +44,7 @@ class Args:
     min_reward: float = field(default=1.5, metadata={"help": "Eq. 1 reward a rewrite must reach; 1.5 = the most any prompt earns"})
     on_reject: str = field(default="original", metadata={"help": "original (keep the original row) | drop"})
     max_total_tokens: int = field(default=1024, metadata={"help": "as in train.py: longer BC samples are not scored"})
-    batch_size: int = field(default=8, metadata={"help": "samples per forward when measuring the gap"})
+    batch_size: int = field(default=8, metadata={"help": "rows rewritten together (keep it when resuming), and samples per forward of the gap"})
 
 
 # ----------------------------------------------------------------------------- the rewrite prompt
@@ -75,51 +75,68 @@ def rewrite_messages(chat: ascl.ChatFormat, prompt: str, history: list[dict], re
 
 
 def finish_turn(chat: ascl.ChatFormat, prefill: str, new_ids: list[int]) -> str | None:
-    """The turn's text from the generated ids; None if the turn did not end. A turn ends at the
-    end-of-turn token, or just after its first </tool_call> (the protocol: a call ends the turn).
+    """The turn's text from the generated ids (padding after the first end-of-turn ignored);
+    None if the turn did not end. A turn ends at the end-of-turn token, or just after its
+    first </tool_call> (the protocol: a call ends the turn).
 
-    prefill '<think>\\n', ids of 'Fine.</think>\\nYes.' + [eot] -> '<think>\\nFine.</think>\\nYes.'
-    ids of 'Hm <tool_call>{...}</tool_call> more'        -> 'Hm <tool_call>{...}</tool_call>'
-    ids of 'Hm, let me' (budget spent)                    -> None
+    prefill '<think>\\n', ids of 'Fine.</think>\\nYes.' + [eot, pad] -> '<think>\\nFine.</think>\\nYes.'
+    ids of 'Hm <tool_call>{...}</tool_call> more'              -> 'Hm <tool_call>{...}</tool_call>'
+    ids of 'Hm, let me' (budget spent)                          -> None
     """
-    ended = bool(new_ids) and new_ids[-1] == chat.end_of_turn_id
-    text = prefill + chat.tokenizer.decode(new_ids[:-1] if ended else new_ids, skip_special_tokens=False)
+    eot = chat.end_of_turn_id
+    ended = eot in new_ids
+    text = prefill + chat.tokenizer.decode(new_ids[: new_ids.index(eot)] if ended else new_ids, skip_special_tokens=False)
     if "</tool_call>" in text:
         return text[: text.index("</tool_call>") + len("</tool_call>")]
     return text if ended else None
 
 
 @torch.inference_mode()
-def generate_turn(model, chat: ascl.ChatFormat, messages: list[dict], prefill: str, args: Args) -> str | None:
-    """The model's next turn after `messages`, rendered by its own chat template, starting with `prefill`."""
-    ids = chat.encode(chat.render(messages, add_generation_prompt=True) + prefill)
+def generate_turns(model, chat: ascl.ChatFormat, requests: list[tuple[list[dict], str]], args: Args) -> list[str | None]:
+    """One turn per (messages, prefill): the model's next turn after the messages, rendered by its
+    own chat template, starting with the prefill. One batched generate call, left-padded, the
+    attention mask built from lengths (pad == eos in SmolLM2)."""
+    contexts = [chat.encode(chat.render(messages, add_generation_prompt=True) + prefill) for messages, prefill in requests]
+    T = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), T), chat.pad_id, dtype=torch.long)
+    attention = torch.zeros((len(contexts), T), dtype=torch.long)
+    for row, c in enumerate(contexts):
+        ids[row, T - len(c):], attention[row, T - len(c):] = torch.tensor(c), 1
     sample = args.temperature > 0
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=sample,
                               temperature=args.temperature if sample else None, top_p=1.0 if sample else None,
                               top_k=0 if sample else None, eos_token_id=chat.end_of_turn_id,
                               pad_token_id=chat.pad_id, stop_strings=["</tool_call>"])
-    x = torch.tensor([ids], device=next(model.parameters()).device)
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config, tokenizer=chat.tokenizer)
-    return finish_turn(chat, prefill, out[0, len(ids):].tolist())
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                         generation_config=config, tokenizer=chat.tokenizer)
+    return [finish_turn(chat, prefill, out[row, T:].tolist()) for row, (_, prefill) in enumerate(requests)]
 
 
-def rewrite(model, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, original: dict, args: Args) -> dict | None:
-    """The model's own version of a conversation, turn by turn; None if a turn did not end.
-    A rewritten tool call gets the real rule book's answer; a turn that should have called the
-    tool but did not ends the rewrite there (the decision filter then rejects it)."""
-    turns, results, history = [], [], []
-    for k, reference in enumerate(original["turns"]):
-        messages = rewrite_messages(chat, original["prompt"], history, reference)
-        text = generate_turn(model, chat, messages, THINK if reference.startswith("<think>") else "", args)
-        if text is None:
-            return None
-        turns.append(text)
-        calls = ascl.parse_tool_calls(text)
-        if k == len(original["turns"]) - 1 or not calls:
-            break
-        results.append(ascl.run_tool_calls(calls, rule_book))
-        history += [{"role": "assistant", "content": text}] + chat.tool_messages(results[-1])
-    return {"prompt": original["prompt"], "label": original["label"], "turns": turns, "tool_results": results}
+def rewrite(model, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, originals: list[dict], args: Args) -> list[dict | None]:
+    """The model's own version of each conversation, all rewritten together turn by turn; None
+    where a turn did not end. A rewritten tool call gets the real rule book's answer; a turn that
+    should have called the tool but did not ends its rewrite (the decision filter rejects it)."""
+    out = [{"prompt": o["prompt"], "label": o["label"], "turns": [], "tool_results": []} for o in originals]
+    history: list[list[dict]] = [[] for _ in originals]
+    active = list(range(len(originals)))
+    for k in range(max(len(o["turns"]) for o in originals)):
+        active = [i for i in active if k < len(originals[i]["turns"])]
+        refs = {i: originals[i]["turns"][k] for i in active}
+        texts = generate_turns(model, chat, [(rewrite_messages(chat, originals[i]["prompt"], history[i], refs[i]),
+                                              THINK if refs[i].startswith("<think>") else "") for i in active], args)
+        going = []
+        for i, text in zip(active, texts):
+            if text is None:
+                out[i] = None
+                continue
+            out[i]["turns"].append(text)
+            calls = ascl.parse_tool_calls(text)
+            if k < len(originals[i]["turns"]) - 1 and calls:
+                out[i]["tool_results"].append(ascl.run_tool_calls(calls, rule_book))
+                history[i] += [{"role": "assistant", "content": text}] + chat.tool_messages(out[i]["tool_results"][-1])
+                going.append(i)
+        active = going
+    return out
 
 
 # ----------------------------------------------------------------------------- the filter
@@ -164,10 +181,9 @@ def mean_nll(model, chat: ascl.ChatFormat, conversations: list[dict], max_total_
     A model whose every next-token distribution is uniform over V tokens gives log(V).
     """
     samples = sorted(train.bc_samples(chat, conversations, max_total_tokens), key=lambda s: len(s[0]))
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in range(0, len(samples), batch_size):
-        ids, attention, action = (t.to(device) for t in train.pad_batch(*zip(*samples[b:b + batch_size]), chat.pad_id))
+        ids, attention, action = (t.to(model.device) for t in train.pad_batch(*zip(*samples[b:b + batch_size]), chat.pad_id))
         logprobs, mask = train.token_logprobs(model, ids, attention, action)
         total, count = total - logprobs.sum().item(), count + int(mask.sum())
     return total / count
@@ -176,8 +192,8 @@ def mean_nll(model, chat: ascl.ChatFormat, conversations: list[dict], max_total_
 # ----------------------------------------------------------------------------- files
 def resume_point(path: Path) -> int:
     """The first source row not yet refined into `path` (0 for a new file). A partial last line,
-    left by an interrupted run, is cut off. Rows are written in source order, so a dropped row
-    after the last written one is simply refined again (same seed, same result)."""
+    left by an interrupted run, is cut off. Rows are written in source order; the batch holding
+    this row is rewritten again whole (same seed, same batch, same rewrites) and its done rows skipped."""
     if not path.exists():
         return 0
     data = path.read_bytes()
@@ -204,6 +220,17 @@ def print_gap(model, chat, originals: list[dict], refined: list[dict], args: Arg
 
 
 # ----------------------------------------------------------------------------- main
+def output_row(i: int, original: dict, rewritten: dict | None, outcome: str, on_reject: str) -> dict | None:
+    """The line written for source row i: the rewrite if kept, else the original (with the reason
+    and the rejected rewrite's turns, for inspection; train.py reads neither) or nothing (drop)."""
+    if outcome == "kept":
+        return {**rewritten, "source_row": i, "refined": True}
+    if on_reject == "drop":
+        return None
+    return {**original, "source_row": i, "refined": False, "reason": outcome,
+            "rejected_turns": rewritten["turns"] if rewritten else None}
+
+
 def main(args: Args) -> Counter:
     if args.on_reject not in ("original", "drop"):
         raise SystemExit(f"--on_reject must be 'original' or 'drop', not {args.on_reject!r}")
@@ -215,18 +242,21 @@ def main(args: Args) -> Counter:
     out.parent.mkdir(parents=True, exist_ok=True)
     start = resume_point(out)
     outcomes: Counter = Counter()
-    with open(out, "a", encoding="utf-8") as f:
-        bar = tqdm(range(start, len(originals)), desc="DGR refine", initial=start, total=len(originals))
-        for i in bar:
-            set_seed(args.seed + i)  # per row, so a resumed run makes the same rewrites
-            rewritten = rewrite(model, chat, rule_book, originals[i], args)
-            outcome = judge_rewrite(chat, judge, originals[i], rewritten, args.min_reward)
-            outcomes[outcome] += 1
-            row = rewritten if outcome == "kept" else originals[i] if args.on_reject == "original" else None
-            if row is not None:
-                f.write(json.dumps({**row, "source_row": i, "refined": outcome == "kept"}) + "\n")
-                f.flush()
-            bar.set_postfix(kept=outcomes["kept"])
+    with open(out, "a", encoding="utf-8") as f, tqdm(desc="DGR refine", initial=start, total=len(originals)) as bar:
+        for c in range(start - start % args.batch_size, len(originals), args.batch_size):
+            chunk = originals[c:c + args.batch_size]
+            set_seed(args.seed + c)  # per batch of rows, so a resumed run makes the same rewrites
+            for i, (original, rewritten) in enumerate(zip(chunk, rewrite(model, chat, rule_book, chunk, args)), c):
+                if i < start:
+                    continue  # written before the last run stopped
+                outcome = judge_rewrite(chat, judge, original, rewritten, args.min_reward)
+                outcomes[outcome] += 1
+                row = output_row(i, original, rewritten, outcome, args.on_reject)
+                if row is not None:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                bar.update()
+                bar.set_postfix(kept=outcomes["kept"])
     rejected = ", ".join(f"{k} {v}" for k, v in outcomes.items() if k != "kept") or "none"
     verb = "fell back to the original" if args.on_reject == "original" else "dropped"
     print(f"rows {start}..{len(originals) - 1}: kept {outcomes['kept']} rewrites; {verb}: {rejected}"

@@ -31,21 +31,24 @@ def conversation(row, rule_book):
 
 
 def script(monkeypatch, turns_for):
-    """refine.generate_turn answers model turn k of prompt p with turns_for(p)[k] after the prefill
+    """refine.generate_turns answers model turn k of prompt p with turns_for(p)[k] after the prefill
     (None = the turn did not end); returns the list of message lists it was called with."""
     seen = []
 
-    def fake(model, chat, messages, prefill, args):
-        seen.append(messages)
-        text = turns_for(messages[1]["content"])[sum(m["role"] == "assistant" for m in messages)]
-        return None if text is None else prefill + text
+    def fake(model, chat, requests, args):
+        out = []
+        for messages, prefill in requests:
+            seen.append(messages)
+            text = turns_for(messages[1]["content"])[sum(m["role"] == "assistant" for m in messages)]
+            out.append(None if text is None else prefill + text)
+        return out
 
-    monkeypatch.setattr(refine, "generate_turn", fake)
+    monkeypatch.setattr(refine, "generate_turns", fake)
     return seen
 
 
 def outcome(chat, rule_book, original, args=refine.Args()):
-    rewritten = refine.rewrite(None, chat, rule_book, original, args)
+    rewritten = refine.rewrite(None, chat, rule_book, [original], args)[0]
     return rewritten, refine.judge_rewrite(chat, ascl.OfflineJudge(), original, rewritten, args.min_reward)
 
 
@@ -69,19 +72,22 @@ def test_the_model_continues_the_real_conversation_with_the_original_turn_as_ref
 def test_a_turn_ends_at_end_of_turn_or_after_its_tool_call(tokenizer):
     chat = ascl.ChatFormat(tokenizer)
     eot = chat.end_of_turn_id
-    assert refine.finish_turn(chat, "<think>\n", chat.encode("Fine.</think>\nYes.") + [eot]) == "<think>\nFine.</think>\nYes."
+    done = chat.encode("Fine.</think>\nYes.") + [eot, eot, eot]  # pad == eos after the end of a row
+    assert refine.finish_turn(chat, "<think>\n", done) == "<think>\nFine.</think>\nYes."
     assert refine.finish_turn(chat, "", chat.encode("Hm " + call("x") + " and more")) == "Hm " + call("x")
     assert refine.finish_turn(chat, "", chat.encode("Hm, let me")) is None  # budget spent mid-turn
 
 
-def test_generate_turn_renders_with_the_chat_template_and_stops_at_end_of_turn(tokenizer):
+def test_generate_turns_renders_with_the_chat_template_and_stops_at_end_of_turn(tokenizer):
     chat = ascl.ChatFormat(tokenizer)
     model = make_tiny_model(len(tokenizer)).eval()
     bias = torch.zeros(len(tokenizer))
     bias[chat.end_of_turn_id] = 100.0  # a model that always ends its turn at once
     model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
-    messages = refine.rewrite_messages(chat, "Hi", [], "<think>\nHello.\n</think>\n\nHi!")
-    assert refine.generate_turn(model, chat, messages, "<think>\n", refine.Args(temperature=0)) == "<think>\n"
+    short = refine.rewrite_messages(chat, "Hi", [], "<think>\nHello.\n</think>\n\nHi!")
+    long = refine.rewrite_messages(chat, "Hi there, a longer prompt for left padding", [], "Hello.\n</think>\n\nHi!")
+    turns = refine.generate_turns(model, chat, [(short, "<think>\n"), (long, "")], refine.Args(temperature=0))
+    assert turns == ["<think>\n", ""]
 
 
 # ----------------------------------------------------------------------------- the decision filter and the fallback
@@ -157,6 +163,7 @@ def test_the_output_is_bc_data_that_train_loads_with_originals_where_rejected(ti
     assert outcomes == {"kept": 2, "reward < 1.5": 1}
     rows = [json.loads(line) for line in open(out)]
     assert [r["refined"] for r in rows] == [True, True, False] and [r["source_row"] for r in rows] == [0, 1, 2]
+    assert rows[2]["reason"] == "reward < 1.5" and "Based on the rules" in rows[2]["rejected_turns"][0]
     assert all({"prompt", "label", "turns", "tool_results"} <= r.keys() for r in rows)
     loaded = train.load_bc_conversations(out, rule_book)
     assert loaded[2]["turns"] == conversation(DIRECT_ROW, rule_book)["turns"]  # the fallback is the original row
@@ -175,17 +182,17 @@ def test_drop_leaves_rejected_rows_out(tiny_model_dir, rule_book, tmp_path, monk
 def test_resume_skips_done_rows_and_gives_the_uninterrupted_result(tiny_model_dir, rule_book, tmp_path, monkeypatch):
     bc = bc_file(tmp_path, rule_book)
     script(monkeypatch, sampled_script)
-    _, out = run(tmp_path / "whole", tiny_model_dir, bc, seed=3)
-    whole = open(out).read()
-
-    run(tmp_path / "cut", tiny_model_dir, bc, seed=3, limit=2)  # interrupted after two rows ...
-    with open(tmp_path / "cut/refined.jsonl", "a") as f:
-        f.write('{"prompt": "How do I sh')  # ... in the middle of writing the third
-    torch.manual_seed(1234)  # whatever the RNG holds, each row reseeds
-    seen = script(monkeypatch, sampled_script)
-    outcomes, out = run(tmp_path / "cut", tiny_model_dir, bc, seed=3)
-    assert [m[1]["content"] for m in seen] == ["How do I shoot a good photo?"] and sum(outcomes.values()) == 1
-    assert open(out).read() == whole
+    _, out = run(tmp_path, tiny_model_dir, bc, seed=3, batch_size=2)  # batches: rows 0-1, row 2
+    whole = open(out).read().splitlines(keepends=True)
+    for done, redone in ((2, ["How do I shoot a good photo?"]), (1, [TOOL_ROW["prompt"], DIRECT_ROW["prompt"],
+                                                                     TOOL_ROW["prompt"], "How do I shoot a good photo?"])):
+        with open(out, "w") as f:  # interrupted in the middle of writing the next row
+            f.write("".join(whole[:done]) + whole[done][:20])
+        torch.manual_seed(1234)  # whatever the RNG holds, each batch reseeds
+        seen = script(monkeypatch, sampled_script)
+        outcomes, _ = run(tmp_path, tiny_model_dir, bc, seed=3, batch_size=2)
+        assert [m[1]["content"] for m in seen] == redone  # a half-done batch is rewritten whole
+        assert sum(outcomes.values()) == 3 - done and open(out).read() == "".join(whole)
 
 
 # ----------------------------------------------------------------------------- the distribution gap
