@@ -121,6 +121,8 @@ def rewrite(model, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, originals: l
     active = list(range(len(originals)))
     for k in range(max(len(o["turns"]) for o in originals)):
         active = [i for i in active if k < len(originals[i]["turns"])]
+        if not active:
+            break
         refs = {i: originals[i]["turns"][k] for i in active}
         texts = generate_turns(model, chat, [(rewrite_messages(chat, originals[i]["prompt"], history[i], refs[i]),
                                               THINK if refs[i].startswith("<think>") else "") for i in active], args)

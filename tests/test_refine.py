@@ -36,6 +36,7 @@ def script(monkeypatch, turns_for):
     seen = []
 
     def fake(model, chat, requests, args):
+        assert requests, "generate needs at least one row"
         out = []
         for messages, prefill in requests:
             seen.append(messages)
