@@ -8,7 +8,7 @@ or by another model is far from the target model's own distribution, and that ga
 costs reasoning (the safety tax). So the target model rewrites every model turn itself:
     for each BC conversation:
         for each model turn: the model continues the real conversation, the original turn shown
-                             as a reference; a rewritten tool call is run on the real rule book
+                             as a reference just before it writes; a rewritten call runs on the real rule book
         keep the rewrite if its decision matches (consult or not, refuse or comply)
                          and its Eq. 1 reward reaches min_reward; else the original (or drop it)
     print the target model's NLL per model-written token on the original and the refined data
@@ -48,14 +48,13 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- the rewrite prompt
-GUIDE = ("Below, between <reference> tags, is a reference version of your next reply. Do not copy it: "
-         "write your own next reply, in your own words, that makes the same decision: {decision}\n"
-         "<reference>\n{reference}\n</reference>")
+GUIDE = ("Reference reply:\n{reference}\n\nWrite your own reply in your own words, not a copy of the reference, "
+         "with the same decision: {decision}")
 THINK = "<think>\n"
 
 
 def decision_text(reference: str) -> str:
-    """What a reference turn decides, as an instruction a small model can follow.
+    """What a reference turn decides, as an instruction a small model can follow (the filter checks it).
 
     '<think>\\nRisky.\\n<tool_call>{...}</tool_call>' -> 'think inside <think>, then call the retrieve_policy ...'
     'Forbidden.\\n</think>\\n\\nI can't help.'        -> 'finish your reasoning, close it with </think>, then politely refuse ...'
@@ -68,10 +67,13 @@ def decision_text(reference: str) -> str:
 
 
 def rewrite_messages(chat: ascl.ChatFormat, prompt: str, history: list[dict], reference: str) -> list[dict]:
-    """The real conversation so far (system, user, the model's rewritten turns and tool results),
-    with the reference for the next turn added to the system prompt."""
-    system = chat.system_prompt + "\n\n" + GUIDE.format(decision=decision_text(reference), reference=reference)
-    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}] + history
+    """The real conversation so far (system prompt, user prompt, the model's rewritten turns and
+    tool results), the guide for the next turn appended to its last message, so that a small
+    model reads it just before it writes (for turn 1 the user prompt, for later turns the tool result)."""
+    messages = chat.prompt_messages(prompt) + history
+    last = messages[-1]
+    guide = GUIDE.format(reference=reference, decision=decision_text(reference))
+    return messages[:-1] + [{**last, "content": last["content"] + "\n\n" + guide}]
 
 
 def finish_turn(chat: ascl.ChatFormat, prefill: str, new_ids: list[int]) -> str | None:

@@ -30,6 +30,11 @@ def conversation(row, rule_book):
     return {"prompt": row["prompt"], "label": row["label"], "turns": turns, "tool_results": results}
 
 
+def prompt_of(messages):
+    """The user prompt of a rewrite request (turn 1 has the guide appended to it)."""
+    return messages[1]["content"].split("\n\nReference reply:")[0]
+
+
 def script(monkeypatch, turns_for):
     """refine.generate_turns answers model turn k of prompt p with turns_for(p)[k] after the prefill
     (None = the turn did not end); returns the list of message lists it was called with."""
@@ -40,7 +45,7 @@ def script(monkeypatch, turns_for):
         out = []
         for messages, prefill in requests:
             seen.append(messages)
-            text = turns_for(messages[1]["content"])[sum(m["role"] == "assistant" for m in messages)]
+            text = turns_for(prompt_of(messages))[sum(m["role"] == "assistant" for m in messages)]
             out.append(None if text is None else prefill + text)
         return out
 
@@ -60,13 +65,15 @@ def test_the_model_continues_the_real_conversation_with_the_original_turn_as_ref
     seen = script(monkeypatch, lambda p: [CONSULT, REFUSE])
     rewritten, verdict = outcome(chat, rule_book, original)
     first, second = seen
-    assert first[0]["content"].startswith(chat.system_prompt) and original["turns"][0] in first[0]["content"]
-    assert first[1] == {"role": "user", "content": TOOL_ROW["prompt"]} and len(first) == 2
-    assert original["turns"][1] in second[0]["content"] and "refuse" in second[0]["content"]
+    assert first[0] == {"role": "system", "content": chat.system_prompt} and len(first) == 2
+    assert first[1]["content"].startswith(TOOL_ROW["prompt"]) and first[1]["content"].endswith(
+        refine.GUIDE.format(reference=original["turns"][0], decision=refine.decision_text(original["turns"][0])))
+    assert second[:2] == chat.prompt_messages(TOOL_ROW["prompt"])  # the guide of turn 1 is gone from turn 2's context
     assert second[2] == {"role": "assistant", "content": "<think>\n" + CONSULT}
+    assert original["turns"][1] in second[3]["content"] and "refuse" in second[3]["content"]
     # the tool result is the real rule book's answer to the *rewritten* query
     assert rewritten["tool_results"] == [[rule_book.retrieve_policy("explosives")]]
-    assert second[3:] == chat.tool_messages(rewritten["tool_results"][0])
+    assert second[3]["content"].startswith(chat.tool_messages(rewritten["tool_results"][0])[0]["content"])
     assert verdict == "kept" and rewritten["turns"] == ["<think>\n" + CONSULT, REFUSE]
 
 
@@ -192,7 +199,7 @@ def test_resume_skips_done_rows_and_gives_the_uninterrupted_result(tiny_model_di
         torch.manual_seed(1234)  # whatever the RNG holds, each batch reseeds
         seen = script(monkeypatch, sampled_script)
         outcomes, _ = run(tmp_path, tiny_model_dir, bc, seed=3, batch_size=2)
-        assert [m[1]["content"] for m in seen] == redone  # a half-done batch is rewritten whole
+        assert [prompt_of(m) for m in seen] == redone  # a half-done batch is rewritten whole
         assert sum(outcomes.values()) == 3 - done and open(out).read() == "".join(whole)
 
 
