@@ -38,7 +38,7 @@ class Args:
     model: str | None = field(default=None, metadata={"help": "the target model (the one BC will train); default: embedded SmolLM2-135M"})
     seed: int = 0
     limit: int | None = field(default=None, metadata={"help": "refine only the first N rows"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the rewrites; 0 = greedy"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy (the model's most likely wording); > 0 samples, seeded"})
     max_new_tokens: int = field(default=192, metadata={"help": "per rewritten turn"})
     judge: str = field(default="offline", metadata={"help": "offline | a Qwen3Guard-Gen hub id"})
     min_reward: float = field(default=1.5, metadata={"help": "Eq. 1 reward a rewrite must reach; 1.5 = the most any prompt earns"})
