@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,17 +161,26 @@ def consulted(c: dict) -> bool:
     return any(call.error is None for call in ascl.parse_tool_calls(c["turns"][0]))
 
 
+GUIDE_ECHO_RE = re.compile(r"reference reply|your own (?:reply|words)|same decision", re.IGNORECASE)
+
+
 def judge_rewrite(chat, judge, original: dict, rewritten: dict | None, min_reward: float) -> str:
-    """'kept', or why the rewrite is rejected: 'unfinished turn', 'consult decision changed',
-    'refusal decision changed' (the judge's `refused` on the two answers), 'reward < min_reward'."""
+    """'kept', or why the rewrite is rejected, in this order: 'unfinished turn'; 'echoes the guide'
+    (small models copy the instruction into their reply); 'consult decision changed'; 'refusal
+    decision changed' (the judge's `refused` on the two answers); 'copy of the original' (not a
+    rewrite); 'reward < min_reward' (Eq. 1)."""
     if rewritten is None:
         return "unfinished turn"
+    if any(GUIDE_ECHO_RE.search(turn) for turn in rewritten["turns"]):
+        return "echoes the guide"
     if consulted(rewritten) != consulted(original):
         return "consult decision changed"
     trajs = [as_trajectory(chat, c) for c in (original, rewritten)]
     before, after = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
     if before.refused != after.refused:
         return "refusal decision changed"
+    if [t.strip() for t in rewritten["turns"]] == [t.strip() for t in original["turns"]]:
+        return "copy of the original"
     if ascl.reward(trajs[1].label, trajs[1], after).total < min_reward:
         return f"reward < {min_reward:g}"
     return "kept"
@@ -178,19 +188,48 @@ def judge_rewrite(chat, judge, original: dict, rewritten: dict | None, min_rewar
 
 # ----------------------------------------------------------------------------- the distribution gap
 @torch.no_grad()
-def mean_nll(model, chat: ascl.ChatFormat, conversations: list[dict], max_total_tokens: int, batch_size: int = 8) -> float:
-    """The model's mean negative log-likelihood per model-written token (end-of-turn included,
-    prompt and tool results excluded), over exactly the samples and tokens BC trains on.
+def nll_sums(model, chat: ascl.ChatFormat, conversations: list[dict], max_total_tokens: int,
+             batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per conversation: the model's summed negative log-likelihood of the tokens BC trains on
+    (those of train.bc_samples: every model turn, end-of-turn included, that ends within
+    max_total_tokens) and their number. One forward per conversation: under a causal model a
+    turn scores the same in its own BC sample as in the whole conversation."""
+    seqs, masks = [], []
+    for c in conversations:
+        ids, _, spans = chat.encode_conversation(c["prompt"], c["turns"], c["tool_results"])
+        end = max([e for _, e in spans if e <= max_total_tokens], default=1)
+        seqs.append(ids[:end])
+        masks.append([int(any(s <= t < e for s, e in spans)) for t in range(end)])
+    out = []
+    for b in range(0, len(seqs), batch_size):
+        batch = train.pad_batch(seqs[b:b + batch_size], masks[b:b + batch_size], chat.pad_id)
+        logprobs, mask = train.token_logprobs(model, *(t.to(model.device) for t in batch))
+        out += [(-lp.sum().item(), int(m.sum())) for lp, m in zip(logprobs, mask)]
+    return out
 
-    A model whose every next-token distribution is uniform over V tokens gives log(V).
-    """
-    samples = sorted(train.bc_samples(chat, conversations, max_total_tokens), key=lambda s: len(s[0]))
-    total, count = 0.0, 0
-    for b in range(0, len(samples), batch_size):
-        ids, attention, action = (t.to(model.device) for t in train.pad_batch(*zip(*samples[b:b + batch_size]), chat.pad_id))
-        logprobs, mask = train.token_logprobs(model, ids, attention, action)
-        total, count = total - logprobs.sum().item(), count + int(mask.sum())
-    return total / count
+
+def mean_nll(sums: list[tuple[float, int]]) -> float:
+    """NLL per token over conversations: [(6.0, 2), (3.0, 1)] -> 3.0. A model whose every
+    next-token distribution is uniform over V tokens gives log(V)."""
+    return sum(s for s, _ in sums) / max(1, sum(n for _, n in sums))
+
+
+def print_gap(model, chat, originals: list[dict], refined: list[dict], args: Args):
+    """NLL and perplexity on the original rows, the refined file, and the rewritten rows alone."""
+    def line(name, sums):
+        nll = mean_nll(sums)
+        print(f"  {name:<34} {len(sums):>4} rows   NLL {nll:.3f}   perplexity {math.exp(nll):.2f}")
+
+    before = nll_sums(model, chat, originals, args.max_total_tokens, args.batch_size)
+    rewritten = [r for r in refined if r["refined"]]
+    after = nll_sums(model, chat, rewritten, args.max_total_tokens, args.batch_size)
+    after = dict(zip([r["source_row"] for r in rewritten], after))
+    print("distribution gap: the target model's NLL per model-written token (lower = closer to the model)")
+    line("original data", before)
+    line("refined data", [after.get(r["source_row"], before[r["source_row"]]) for r in refined])
+    if after:
+        line("  rewritten rows, before", [before[i] for i in after])
+        line("  rewritten rows, after", list(after.values()))
 
 
 # ----------------------------------------------------------------------------- files
@@ -206,21 +245,6 @@ def resume_point(path: Path) -> int:
         path.write_bytes(complete)
     rows = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
     return rows[-1]["source_row"] + 1 if rows else 0
-
-
-def print_gap(model, chat, originals: list[dict], refined: list[dict], args: Args):
-    """NLL and perplexity on the original rows, the refined file, and the rewritten rows alone."""
-    def line(name, rows):
-        nll = mean_nll(model, chat, rows, args.max_total_tokens, args.batch_size)
-        print(f"  {name:<34} {len(rows):>4} rows   NLL {nll:.3f}   perplexity {math.exp(nll):.2f}")
-
-    print("distribution gap: the target model's NLL per model-written token (lower = closer to the model)")
-    line("original data", originals)
-    line("refined data", refined)
-    rewritten = [r for r in refined if r.get("refined")]
-    if rewritten:
-        line("  rewritten rows, before", [originals[r["source_row"]] for r in rewritten])
-        line("  rewritten rows, after", rewritten)
 
 
 # ----------------------------------------------------------------------------- main

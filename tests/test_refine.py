@@ -126,6 +126,15 @@ def test_a_rewrite_with_the_same_decision_but_a_lower_reward_is_rejected(tokeniz
     assert outcome(chat, rule_book, conversation(DIRECT_ROW, rule_book))[1] == "kept"
 
 
+def test_a_rewrite_that_echoes_the_guide_or_copies_the_original_is_rejected(tokenizer, rule_book, monkeypatch):
+    chat = ascl.ChatFormat(tokenizer)
+    original = conversation(DIRECT_ROW, rule_book)
+    script(monkeypatch, lambda p: [COMPLY_DIRECTLY + "\n\nWrite your own reply in your own words."])
+    assert outcome(chat, rule_book, original)[1] == "echoes the guide"
+    script(monkeypatch, lambda p: [original["turns"][0][len("<think>\n"):]])  # after the prefilled <think>
+    assert outcome(chat, rule_book, original)[1] == "copy of the original"
+
+
 def test_an_unfinished_turn_is_rejected(tokenizer, rule_book, monkeypatch):
     chat = ascl.ChatFormat(tokenizer)
     script(monkeypatch, lambda p: [CONSULT, None])
@@ -209,11 +218,11 @@ def test_a_uniform_model_has_nll_log_vocab(tokenizer, rule_book):
     model = make_tiny_model(len(tokenizer))
     with torch.no_grad():
         model.model.norm.weight.zero_()  # every hidden state 0, so every logit 0: uniform over the vocabulary
-    nll = refine.mean_nll(model, chat, [conversation(TOOL_ROW, rule_book), conversation(DIRECT_ROW, rule_book)], 4096, 1)
-    assert nll == pytest.approx(math.log(len(tokenizer)), rel=1e-5)
+    sums = refine.nll_sums(model, chat, [conversation(TOOL_ROW, rule_book), conversation(DIRECT_ROW, rule_book)], 4096, 1)
+    assert refine.mean_nll(sums) == pytest.approx(math.log(len(tokenizer)), rel=1e-5)
 
 
-def test_nll_is_the_mean_over_model_written_tokens_of_whole_conversations(tokenizer, tiny_model, rule_book):
+def test_nll_is_taken_over_the_tokens_bc_trains_on(tokenizer, tiny_model, rule_book):
     chat = ascl.ChatFormat(tokenizer)
     convs = [conversation(TOOL_ROW, rule_book), conversation(DIRECT_ROW, rule_book)]
     total, count = 0.0, 0
@@ -224,4 +233,13 @@ def test_nll_is_the_mean_over_model_written_tokens_of_whole_conversations(tokeni
         picked = logp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
         total -= float((picked * torch.tensor(mask[1:])).sum())
         count += sum(mask[1:])
-    assert refine.mean_nll(tiny_model, chat, convs, 4096, 2) == pytest.approx(total / count, rel=1e-4)
+    sums = refine.nll_sums(tiny_model, chat, convs, 4096, 2)
+    assert sum(n for _, n in sums) == count and refine.mean_nll(sums) == pytest.approx(total / count, rel=1e-4)
+    # with a token budget that cuts the tool conversation's second turn: the same tokens as train.bc_samples
+    budget = chat.encode_conversation(convs[0]["prompt"], convs[0]["turns"], convs[0]["tool_results"])[2][0][1]
+    samples = train.bc_samples(chat, convs, budget)
+    with torch.no_grad():
+        lp, mask = train.token_logprobs(tiny_model, *train.pad_batch(*zip(*samples), chat.pad_id))
+    sums = refine.nll_sums(tiny_model, chat, convs, budget, 2)
+    assert sum(n for _, n in sums) == int(mask.sum()) and len(samples) == 2
+    assert refine.mean_nll(sums) == pytest.approx(float(-lp.sum() / mask.sum()), rel=1e-4)
