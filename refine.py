@@ -9,8 +9,9 @@ costs reasoning (the safety tax). So the target model rewrites every model turn 
     for each BC conversation:
         for each model turn: the model continues the real conversation, the original turn shown
                              as a reference just before it writes; a rewritten call runs on the real rule book
-        keep the rewrite if its decision matches (consult or not, refuse or comply)
-                         and its Eq. 1 reward reaches min_reward; else the original (or drop it)
+        keep the rewrite if it ended, echoes no guide, makes the same decisions (consult or not,
+                         refuse or comply), is no copy and its Eq. 1 reward reaches min_reward;
+                         else keep the original (or drop the row)
     print the target model's NLL per model-written token on the original and the refined data
 """
 from __future__ import annotations
