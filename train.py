@@ -120,6 +120,24 @@ def bc_samples(chat: ascl.ChatFormat, conversations: list[dict], max_total_token
     return samples
 
 
+def whole_conversations(samples: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """Merge the per-turn samples of a conversation (consecutive, each a prefix of the next) into
+    one sample that trains every turn. Exact for a causal model: each turn sees the same prefix,
+    so its loss is the same, and the conversation's prefix runs once instead of once per turn.
+
+    >>> whole_conversations([([1, 2, 3], [0, 0, 1]), ([1, 2, 3, 4, 5], [0, 0, 0, 0, 1]), ([7, 8], [0, 1])])
+    [([1, 2, 3, 4, 5], [0, 0, 1, 0, 1]), ([7, 8], [0, 1])]
+    """
+    out: list[tuple[list[int], list[int]]] = []
+    for ids, mask in samples:
+        if out and len(ids) > len(out[-1][0]) and ids[:len(out[-1][0])] == out[-1][0]:
+            earlier = out[-1][1] + [0] * (len(ids) - len(out[-1][1]))
+            out[-1] = (ids, [max(a, b) for a, b in zip(earlier, mask)])
+        else:
+            out.append((ids, mask))
+    return out
+
+
 # ----------------------------------------------------------------------------- model forward
 def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int):
     """Right-pad; attention mask from lengths (never from token values: pad == eos)."""
@@ -183,6 +201,30 @@ def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor):
     with torch.no_grad():
         entropy = lse - (logits.softmax(-1) * logits).sum(-1)
     return picked, entropy
+
+
+def sequence_logprobs(model, seqs: list[list[int]], masks: list[list[int]], pad_id: int, prompt_model=None):
+    """(logprobs, mask, entropy) of a batch of sequences. With a prompt_model, the prefix the rows
+    share before their first trained token (a group's prompt in RL, the system prompt in BC) goes
+    through the model once (group_logprobs); else every row runs whole (_shifted_logprobs).
+
+    >>> shared_prefix([[5, 6, 7, 8], [5, 6, 9]], [[0, 0, 1, 1], [0, 0, 0]])
+    2
+    """
+    prefix = shared_prefix(seqs, masks)
+    if prompt_model is not None and prefix > 0 and any(len(s) > prefix for s in seqs):
+        return group_logprobs(model, prompt_model, seqs[0][:prefix], seqs, masks, pad_id)
+    device = next(model.parameters()).device
+    return _shifted_logprobs(model, *(t.to(device) for t in pad_batch(seqs, masks, pad_id)))
+
+
+def shared_prefix(seqs: list[list[int]], masks: list[list[int]]) -> int:
+    """Length of the ids every row starts with, up to the first trained token of any row."""
+    limit = min([m.index(1) for m in masks if 1 in m] + [len(s) for s in seqs])
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
 
 
 def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]], masks: list[list[int]], pad_id: int):
@@ -272,14 +314,17 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
     Every process builds the same global batches (bc_batch_size per process) and takes its
     share, so all run the same number of optimizer steps whatever the sample count; a
     process left without samples in the last batch runs a zero-weight one (DDP needs every
-    process in every backward).
+    process in every backward). The per-turn samples of a conversation are trained as one
+    (whole_conversations), and the prefix a batch shares (the system prompt) runs once.
     """
+    samples = whole_conversations(samples)
     P, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = math.ceil(len(samples) / (args.bc_batch_size * P))
     total = steps_per_epoch * args.bc_epochs
     optimizer = make_optimizer(model, args.bc_lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.bc_warmup * total), total)
     model, optimizer = accelerator.prepare(model, optimizer)
+    prompt_model = None if args.gradient_checkpointing else accelerator.unwrap_model(model)  # see policy_update
     model.train()
     rng = random.Random(args.seed)
     bar = tqdm(total=total, desc="behaviour cloning", disable=not accelerator.is_main_process)
@@ -289,9 +334,8 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
             num_tokens = sum(sum(samples[i][1]) for i in batch)  # the global batch's, known to every process
             mine = batch[rank * args.bc_batch_size:(rank + 1) * args.bc_batch_size]
             weight = 1.0 if mine else 0.0
-            ids, attention, action = (t.to(accelerator.device) for t in pad_batch(
-                *zip(*(samples[i] for i in mine or batch[:1])), chat.pad_id))
-            logprobs, mask = token_logprobs(model, ids, attention, action)
+            seqs, masks = zip(*(samples[i] for i in mine or batch[:1]))
+            logprobs, mask, _ = sequence_logprobs(model, list(seqs), list(masks), chat.pad_id, prompt_model)
             nll = -(logprobs * mask).sum() * weight
             # DDP averages gradients over processes: scale so the result is the global token mean
             accelerator.backward(nll * P / max(num_tokens, 1))
@@ -403,16 +447,9 @@ def micro_batches(n: int, group_size: int, size: int) -> list[list[int]]:
 
 
 def rollout_logprobs(model, trajs, idx: list[int], pad_id: int, prompt_model=None):
-    """(logprobs, mask, entropy) of rollouts trajs[idx], which share their prompt. With a
-    prompt_model the prompt goes through the model once (group_logprobs), else every row
-    runs whole (token_logprobs)."""
-    seqs, masks = [trajs[i].input_ids for i in idx], [trajs[i].action_mask for i in idx]
-    device = next(model.parameters()).device
-    prompt = next((m.index(1) for m in masks if 1 in m), 0)  # the model's first token follows the prompt
-    if prompt_model is not None and prompt > 0 and all(s[:prompt] == seqs[0][:prompt] for s in seqs):
-        return group_logprobs(model, prompt_model, seqs[0][:prompt], seqs, masks, pad_id)
-    ids, attention, action = (t.to(device) for t in pad_batch(seqs, masks, pad_id))
-    return _shifted_logprobs(model, ids, attention, action)
+    """sequence_logprobs of the rollouts trajs[idx] (of one group: they share their prompt)."""
+    return sequence_logprobs(model, [trajs[i].input_ids for i in idx], [trajs[i].action_mask for i in idx], pad_id,
+                             prompt_model)
 
 
 def policy_update(args: Args, accelerator: Accelerator, model, optimizer, trajs, advantages, pad_id: int,

@@ -159,6 +159,30 @@ def test_a_shared_prompt_update_gives_the_same_loss_and_gradients_as_whole_rollo
     assert any(g.abs().sum() > 0 for g in shared[3].values())
 
 
+def test_bc_on_whole_conversations_with_a_shared_prefix_equals_one_sample_per_turn(tokenizer, rule_book):
+    """BC trains a conversation's turns in one sample and runs the batch's shared prefix once: the
+    summed loss and every gradient equal those of one plain sample per model turn (the paper's split)."""
+    chat = ascl.ChatFormat(tokenizer)
+    conversations = [{"prompt": r["prompt"], "label": r["label"], "turns": t, "tool_results": res}
+                     for r in (SEED_TOOL_ROW, SEED_DIRECT_ROW) for t, res in [sources.seed_row_to_conversation(r, rule_book)]]
+    per_turn = train.bc_samples(chat, conversations, 1024)
+    whole = train.whole_conversations(per_turn)
+    assert len(per_turn) == 3 and len(whole) == 2 and sum(map(sum, (m for _, m in whole))) == sum(
+        map(sum, (m for _, m in per_turn)))
+
+    def nll_and_grads(samples, shared):
+        model = make_tiny_model(len(tokenizer))
+        lp, mask, _ = train.sequence_logprobs(model, [i for i, _ in samples], [m for _, m in samples], chat.pad_id,
+                                              model if shared else None)
+        nll = -(lp * mask).sum()
+        nll.backward()
+        return nll, {k: p.grad for k, p in model.named_parameters()}
+
+    (a, ga), (b, gb) = nll_and_grads(whole, True), nll_and_grads(per_turn, False)
+    assert train.shared_prefix([i for i, _ in whole], [m for _, m in whole]) > 100  # the system prompt
+    assert torch.allclose(a, b, rtol=1e-5) and all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
+
+
 def test_gradient_checkpointing_falls_back_to_whole_rollouts(tokenizer, tiny_model, rule_book, monkeypatch):
     """Checkpointing recomputes layers and cannot recompute a cached prefix: every rollout runs whole."""
     chat = ascl.ChatFormat(tokenizer)
