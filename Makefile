@@ -27,7 +27,7 @@ experiment: $(BIN)/.installed
 	$(BIN)/pip install -q matplotlib
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/grpo_vs_ifpo.py
 
-# rollout efficiency (project venv), then one RL step vs TRL's GRPOTrainer (TRL in its own venv)
+# rollout efficiency (project venv), one RL step vs TRL's GRPOTrainer (TRL in its own venv), behaviour cloning
 BENCH := .venv-bench/bin
 
 $(BENCH)/.installed: requirements.txt benchmarks/requirements.txt
@@ -41,3 +41,4 @@ $(BENCH)/.installed: requirements.txt benchmarks/requirements.txt
 bench: $(BIN)/.installed $(BENCH)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_rollout.py $(if $(BENCH_MODEL),--model $(BENCH_MODEL))
 	HF_HUB_OFFLINE=1 $(BENCH)/python benchmarks/bench_rl_step.py $(if $(BENCH_MODEL),--model $(BENCH_MODEL))
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_bc.py
