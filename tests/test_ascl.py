@@ -2,13 +2,15 @@
 import itertools
 import json
 import re
+from collections import Counter
 
 import pytest
 
 import ascl
 import decoding
 from conftest import install_decoder, make_tiny_model
-from ascl import ChatFormat, OfflineJudge, Trajectory, Verdict, parse_guard_output, parse_tool_calls, reward
+from ascl import ChatFormat, OfflineJudge, Trajectory, Verdict, parse_tool_calls, reward
+from guard import GuardJudge, parse_guard_output
 
 CATEGORIES = [
     "Violence & Weapons", "Sexual Content & Exploitation", "Privacy & Personal Data", "Suicide & Self-Harm",
@@ -464,12 +466,12 @@ def test_guard_output_parsing(text, strict, expected):
 
 
 def test_guard_output_cut_mid_way_falls_back_and_is_counted():
-    judge = ascl.GuardJudge.__new__(ascl.GuardJudge)
-    judge.strict, judge.fallbacks = True, ascl.Counter()
+    judge = GuardJudge.__new__(GuardJudge)
+    judge.strict, judge.fallbacks = True, Counter()
     verdicts = judge.verdicts(["Safety: Unsafe\nCategories: Violent, Non-violent Illegal Acts\nRef",
                                "Safety: Safe\nCategories: None\nRefusal: Yes", "Saf"],
                               ["I'm sorry, I can't help.", "No.", "Sure, here it is."])
     assert [(v.safe, v.refused) for v in verdicts] == [(False, True), (True, True), (False, False)]
     assert judge.pop_fallbacks() == {"guard_safety_unreadable": 1, "guard_refusal_unreadable": 2}
     assert judge.pop_fallbacks() == {"guard_safety_unreadable": 0, "guard_refusal_unreadable": 0}
-    assert ascl.GuardJudge.max_new_tokens >= 64  # three lines, categories included, fit
+    assert GuardJudge.max_new_tokens >= 64  # three lines, categories included, fit

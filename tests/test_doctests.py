@@ -5,6 +5,7 @@ import pytest
 
 import ascl
 import eval as evaluation
+import guard
 import decoding
 import ifpo
 import plumbing
@@ -12,7 +13,7 @@ import sources
 import train
 
 
-@pytest.mark.parametrize("module", [ifpo, ascl, decoding, plumbing, sources, train, evaluation], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [ifpo, ascl, decoding, guard, plumbing, sources, train, evaluation], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
