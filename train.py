@@ -321,6 +321,8 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
     P, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = math.ceil(len(samples) / (args.bc_batch_size * P))
     total = steps_per_epoch * args.bc_epochs
+    if args.gradient_checkpointing:  # activations are most of BC's memory: about 2 MB a token for 135M in fp32
+        model.gradient_checkpointing_enable()
     optimizer = make_optimizer(model, args.bc_lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.bc_warmup * total), total)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -1,6 +1,6 @@
 """Behaviour cloning: wall time and peak memory of `train.py --stage bc`, this tree against another commit.
 
-    python benchmarks/bench_bc.py [--model M] [--rows N] [--epochs 3] [--against COMMIT] [--repeats 1]
+    python benchmarks/bench_bc.py [--model M] [--rows N] [--epochs 3] [--against COMMIT] [--repeats 1] [--gradient-checkpointing]
 
 Each run is `train.py --stage bc` in its own process (the experiment's BC settings: batch 8,
 lr 1e-4, max_total_tokens 768, on data/bc_seed.jsonl or its first --rows rows), and reports
@@ -29,7 +29,8 @@ RUNNER = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
 def run_bc(tree: Path, data: Path, a, out: Path) -> dict:
     cmd = [sys.executable, "-c", RUNNER, "train.py", "--stage", "bc", "--bc_data", str(data), "--bc_epochs",
            str(a.epochs), "--bc_lr", "1e-4", "--bc_batch_size", "8", "--max_total_tokens", "768",
-           "--output_dir", str(out)] + (["--model", a.model] if a.model else [])
+           "--output_dir", str(out)] + (["--model", a.model] if a.model else []) + (
+               ["--gradient_checkpointing", "true"] if a.gradient_checkpointing else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
@@ -48,6 +49,7 @@ def main():
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--against", default=None, help="a commit to compare with, e.g. HEAD~5")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="BC with --gradient_checkpointing true")
     a = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -222,6 +222,16 @@ def test_bf16_autocast_trains_like_fp32(tokenizer, rule_book):
     assert (fp32_step.sign() == bf16_step.sign())[trained].float().mean() > 0.9
 
 
+def test_bc_with_gradient_checkpointing_runs_every_sample_whole(tiny_model_dir, tmp_path, monkeypatch):
+    """--gradient_checkpointing in BC (most of BC's memory is activations): checkpointed, no shared prefix."""
+    seen, logprobs = [], train.sequence_logprobs
+    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, k, pad, prompt_model: seen.append(
+        (prompt_model, getattr(m, "is_gradient_checkpointing", None))) or logprobs(m, s, k, pad, prompt_model))
+    bc = write_jsonl(tmp_path / "bc.jsonl", [SEED_TOOL_ROW, SEED_DIRECT_ROW])
+    train.main(rl_args(tiny_model_dir, tmp_path, stage="bc", bc_data=bc, gradient_checkpointing=True, show=False))
+    assert seen and all(p is None and gc for p, gc in seen) and read_log(tmp_path)[-1]["loss"] > 0
+
+
 def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
     chat = ascl.ChatFormat(tokenizer)
     trajs = make_trajectories(chat, rule_book)
