@@ -37,12 +37,8 @@ import decoding  # noqa: E402
 
 
 def plain_generate(model, chat, contexts, new_tokens):
-    longest = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), longest), chat.pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):
-        ids[i, longest - len(c):] = torch.tensor(c)
-        attention[i, longest - len(c):] = 1
+    ids, attention = decoding.left_pad(contexts, chat.pad_id)
+    longest = ids.shape[1]
     dev = next(model.parameters()).device
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(dev), attention_mask=attention.to(dev), do_sample=True, top_k=0,
