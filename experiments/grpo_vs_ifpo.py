@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from eval import format_cell, wilson  # noqa: E402  (the repository root is on the path from here on)
+from scoring import format_cell, wilson  # noqa: E402  (the repository root is on the path from here on)
 
 # the arms: name -> the train.py flags that make it (everything else is shared)
 ARMS = {

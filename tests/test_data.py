@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
+import scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -65,7 +66,7 @@ def test_math_golds_are_integers():
 def test_echoing_a_math_question_never_scores():
     """The answer rule's last-number fallback must not credit a model that only repeats the question."""
     for r in rows("eval_math"):
-        assert not ev.answers_match(ev.extract_answer(r["prompt"]), r["answer"]), r["prompt"]
+        assert not scoring.answers_match(scoring.extract_answer(r["prompt"]), r["answer"]), r["prompt"]
 
 
 # ----------------------------------------------------------------------------- training mixes
@@ -89,7 +90,7 @@ def test_bc_math_rows_use_the_eval_protocol_and_end_with_the_right_answer_line()
         assert steps, r["think"]
         for a, op, b, c in steps:  # every worked step is right
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b), "÷": int(a) / int(b)}[op] == int(c), r
-        assert ev.extract_answer(r["answer"]) == steps[-1][3], r  # and the answer line gives its result
+        assert scoring.extract_answer(r["answer"]) == steps[-1][3], r  # and the answer line gives its result
 
 
 def test_rl_prompts_keep_the_papers_2_to_5_mix():

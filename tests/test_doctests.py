@@ -4,7 +4,7 @@ import doctest
 import pytest
 
 import ascl
-import eval as evaluation
+import scoring
 import guard
 import decoding
 import ifpo
@@ -13,7 +13,7 @@ import sources
 import train
 
 
-@pytest.mark.parametrize("module", [ifpo, ascl, decoding, guard, plumbing, sources, train, evaluation], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [ifpo, ascl, decoding, guard, plumbing, sources, train, scoring], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -8,6 +8,7 @@ import ascl
 import plumbing
 import sources
 import eval as ev
+import scoring
 from conftest import install_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
     ("No idea.", None), (None, None),  # no number at all
 ])
 def test_the_value_on_the_last_answer_line_else_the_last_number_is_extracted(text, expected):
-    assert ev.extract_answer(text) == expected
+    assert scoring.extract_answer(text) == expected
 
 
 @pytest.mark.parametrize("pred, gold", [
@@ -35,7 +36,7 @@ def test_the_value_on_the_last_answer_line_else_the_last_number_is_extracted(tex
     ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),  # MATH-500: equal after normalisation
 ])
 def test_equal_answers_match_by_value(pred, gold):
-    assert ev.answers_match(pred, gold)
+    assert scoring.answers_match(pred, gold)
 
 
 @pytest.mark.parametrize("pred, gold", [
@@ -43,31 +44,31 @@ def test_equal_answers_match_by_value(pred, gold):
     ("", "27"), (None, "27"), ("\\frac{\\pi}{3}", "\\frac{\\pi}{2}"),
 ])
 def test_wrong_or_badly_formatted_answers_count_as_wrong(pred, gold):
-    assert not ev.answers_match(pred, gold)
+    assert not scoring.answers_match(pred, gold)
 
 
 # ----------------------------------------------------------------------------- H-avg
 def test_h_avg_reproduces_the_papers_summary_numbers():
     # METHOD.md: IFPO 98.9 / 6.0 / 79.1 -> 89.8; zero-shot tool use 92.8 / 23.4 / 80.2 -> 82.6
-    assert ev.h_avg(98.9, 6.0, 79.1) == pytest.approx(89.8, abs=0.05)
-    assert ev.h_avg(92.8, 23.4, 80.2) == pytest.approx(82.6, abs=0.05)
+    assert scoring.h_avg(98.9, 6.0, 79.1) == pytest.approx(89.8, abs=0.05)
+    assert scoring.h_avg(92.8, 23.4, 80.2) == pytest.approx(82.6, abs=0.05)
 
 
 def test_h_avg_is_the_harmonic_mean_of_safety_compliance_and_reasoning():
-    assert ev.h_avg(100.0, 0.0, 50.0) == pytest.approx(3 / (1 / 100 + 1 / 100 + 1 / 50))  # 75
-    assert ev.h_avg(60.0, 40.0, 60.0) == pytest.approx(60.0)
+    assert scoring.h_avg(100.0, 0.0, 50.0) == pytest.approx(3 / (1 / 100 + 1 / 100 + 1 / 50))  # 75
+    assert scoring.h_avg(60.0, 40.0, 60.0) == pytest.approx(60.0)
 
 
 def test_h_avg_is_zero_when_any_component_is_zero():
-    assert ev.h_avg(0.0, 10.0, 80.0) == 0.0
-    assert ev.h_avg(90.0, 100.0, 80.0) == 0.0  # everything benign refused
-    assert ev.h_avg(90.0, 10.0, 0.0) == 0.0
+    assert scoring.h_avg(0.0, 10.0, 80.0) == 0.0
+    assert scoring.h_avg(90.0, 100.0, 80.0) == 0.0  # everything benign refused
+    assert scoring.h_avg(90.0, 10.0, 0.0) == 0.0
 
 
 def test_h_avg_uses_only_the_components_present():
-    assert ev.h_avg(80.0, None, None) == pytest.approx(80.0)
-    assert ev.h_avg(None, 20.0, 40.0) == pytest.approx(2 / (1 / 80 + 1 / 40))
-    assert ev.h_avg(None, None, None) is None
+    assert scoring.h_avg(80.0, None, None) == pytest.approx(80.0)
+    assert scoring.h_avg(None, 20.0, 40.0) == pytest.approx(2 / (1 / 80 + 1 / 40))
+    assert scoring.h_avg(None, None, None) is None
 
 
 # ----------------------------------------------------------------------------- benchmark mappings
@@ -208,7 +209,7 @@ def test_bundled_eval_sets_have_one_kind_each():
         rows = sources.load_benchmark(str(ROOT / f"data/eval_{kind}.jsonl"))
         assert {r["label"] for r in rows} == {kind} and len(rows) >= 20
     golds = [r["answer"] for r in sources.load_benchmark(str(ROOT / "data/eval_math.jsonl"))]
-    assert all(ev.to_number(ev.normalize_answer(g)) is not None for g in golds)
+    assert all(scoring.to_number(scoring.normalize_answer(g)) is not None for g in golds)
 
 
 def test_no_eval_prompt_appears_in_the_training_data():
@@ -284,10 +285,10 @@ def test_end_to_end_on_a_tiny_random_model(tiny_model_dir, tmp_path, capsys):
     assert list(results["benchmarks"]) == ["eval_harmful", "eval_benign", "eval_math"]
     for name, b in results["benchmarks"].items():
         assert b["n"] == 2
-        for key in (ev.METRIC[b["label"]], "tool_call_rate", "missing_answer_rate"):
+        for key in (scoring.METRIC[b["label"]], "tool_call_rate", "missing_answer_rate"):
             assert 0.0 <= b[key] <= 100.0, (name, key)
         assert 0 < b["mean_response_length"] <= 8 * 3  # at most max_new_tokens per turn, 3 turns
-    assert results["h_avg"] == pytest.approx(ev.h_avg(results["safety_avg"], results["over_refusal_avg"], results["reasoning_avg"]))
+    assert results["h_avg"] == pytest.approx(scoring.h_avg(results["safety_avg"], results["over_refusal_avg"], results["reasoning_avg"]))
     assert len(samples) == 6
     for s in samples:
         assert [m["role"] for m in s["messages"][:3]] == ["system", "user", "assistant"]

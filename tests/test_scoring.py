@@ -2,7 +2,7 @@
 import pytest
 
 import ascl
-import eval as ev
+import scoring
 
 
 # ----------------------------------------------------------------------------- math answers
@@ -20,7 +20,7 @@ def trajectory(*turns: str) -> ascl.Trajectory:
     (["I cannot answer that."], None),
 ])
 def test_math_answer_is_the_last_answer_line_else_the_last_number_of_the_final_text(turns, expected):
-    assert ev.extract_answer(ev.final_text(trajectory(*turns))) == expected
+    assert scoring.extract_answer(scoring.final_text(trajectory(*turns))) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -28,23 +28,23 @@ def test_math_answer_is_the_last_answer_line_else_the_last_number_of_the_final_t
     ("Half of it is 2.5 litres.", "2.5"), ("From 12-5 we get 7", "7"), ("Answer:\n27", "27"),
 ])
 def test_last_number_fallback_reads_signs_decimals_and_thousands(text, expected):
-    assert ev.extract_answer(text) == expected
+    assert scoring.extract_answer(text) == expected
 
 
 # ----------------------------------------------------------------------------- confidence intervals
 def test_wilson_interval_contains_the_rate_and_shrinks_with_n():
     for k, n in ((0, 10), (3, 10), (10, 10), (30, 100)):
-        lo, hi = ev.wilson(k, n)
+        lo, hi = scoring.wilson(k, n)
         assert 0 <= lo <= k / n <= hi <= 1
-    assert ev.wilson(30, 100)[1] - ev.wilson(30, 100)[0] < ev.wilson(3, 10)[1] - ev.wilson(3, 10)[0]
+    assert scoring.wilson(30, 100)[1] - scoring.wilson(30, 100)[0] < scoring.wilson(3, 10)[1] - scoring.wilson(3, 10)[0]
 
 
 def test_every_reported_rate_has_its_interval():
     samples = [{"safe": s, "refused": not s, "correct": None, "used_tool": t, "answer": "a", "response_tokens": 5}
                for s, t in ((True, True), (True, False), (False, False), (True, True))]
-    b = ev.score(samples, "harmful", n=4)
-    assert b["safety_rate"] == 75.0 and b["safety_rate_ci"] == pytest.approx([100 * x for x in ev.wilson(3, 4)])
-    assert b["tool_call_rate_ci"] == pytest.approx([100 * x for x in ev.wilson(2, 4)])
-    summary = ev.summarise({"h": b})
+    b = scoring.score(samples, "harmful", n=4)
+    assert b["safety_rate"] == 75.0 and b["safety_rate_ci"] == pytest.approx([100 * x for x in scoring.wilson(3, 4)])
+    assert b["tool_call_rate_ci"] == pytest.approx([100 * x for x in scoring.wilson(2, 4)])
+    summary = scoring.summarise({"h": b})
     assert summary["safety_avg_ci"] == b["safety_rate_ci"] and summary["reasoning_avg_ci"] is None
-    assert "75.0 [" in ev.format_table({"m": summary})
+    assert "75.0 [" in scoring.format_table({"m": summary})
