@@ -379,21 +379,9 @@ def trajectory_from_turns(chat: ChatFormat, prompt: str, label: str, turns: list
 DECODER = decoding.TurnDecoder
 
 
-def rollout(
-    model,
-    chat: ChatFormat,
-    rule_book: RuleBook,
-    prompts: list[str],
-    labels: list[str],
-    group_size: int = 1,
-    max_new_tokens: int = 256,
-    max_tool_calls: int = 2,
-    max_total_tokens: int = 2048,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int | None = None,
-) -> list[Trajectory]:
+def rollout(model, chat: ChatFormat, rule_book: RuleBook, prompts: list[str], labels: list[str], group_size: int = 1,
+            max_new_tokens: int = 256, max_tool_calls: int = 2, max_total_tokens: int = 2048, do_sample: bool = True,
+            temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None) -> list[Trajectory]:
     """Generate len(prompts) * group_size multi-turn rollouts, grouped by prompt.
 
     Each rollout: the model writes a turn; if it called the tool, the results are appended as

@@ -2,7 +2,6 @@
 
     accelerate launch train.py                      # embedded SmolLM2-135M, bundled data, BC then RL
     accelerate launch train.py --stage rl --adv grpo --model outputs/run/bc
-    python train.py --stage collect --model M       # BC data from a teacher (default: the policy itself)
 
 One RL step (METHOD.md section 3):
     prompts --ascl.rollout--> trajectories --ascl.reward (Eq. 1)--> rewards
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import time
@@ -45,7 +43,7 @@ class Args:
     """Defaults run the whole pipeline on a 2-core CPU in minutes; README gives the paper's settings."""
 
     model: str | None = arg(None, "hub id, local folder or .gguf file; default: the embedded SmolLM2-135M")
-    stage: str = arg("all", "bc | rl | all (BC, then RL from it) | collect (BC data sampled from --model)")
+    stage: str = arg("all", "bc | rl | all (BC, then RL from it)")
     output_dir: str = arg("outputs/run", "checkpoints, log.jsonl and the final model")
     seed: int = arg(0, "seeds sampling, data order and the prompt mix")
     # data
@@ -91,9 +89,6 @@ class Args:
     log_with: str | None = arg(None, "an accelerate tracker: tensorboard, wandb, ...")
     show: bool = arg(True, "at the end, print a greedy rollout of the trained model for a harmful, a benign-but-edgy "
                            "and a math prompt: reasoning, tool call, rules, answer, reward")
-    # collect
-    collect_out: str = arg("outputs/bc_collected.jsonl", "--stage collect: where the kept conversations go")
-    collect_samples: int = arg(4, "--stage collect: rollouts sampled per prompt")
 
 
 # ----------------------------------------------------------------------------- behaviour-cloning samples
@@ -378,7 +373,7 @@ def compute_advantages(args: Args, rewards: torch.Tensor, weights: torch.Tensor)
 
 
 def sample_rollouts(args: Args, model, chat, rule_book, rows: list[dict], group_size: int) -> list[ascl.Trajectory]:
-    """group_size rollouts per row, sampled with the tool available (RL and --stage collect)."""
+    """group_size rollouts per row, sampled with the tool available (RL and collect.py)."""
     return ascl.rollout(model, chat, rule_book, [r["prompt"] for r in rows], [r["label"] for r in rows],
                         group_size=group_size, max_new_tokens=args.max_new_tokens, max_tool_calls=args.max_tool_calls,
                         max_total_tokens=args.max_total_tokens, temperature=args.temperature,
@@ -549,26 +544,6 @@ def reinforcement_learning(args: Args, accelerator: Accelerator, model, tokenize
     return model, {"rl_steps": steps, **{f"last_{k}": v for k, v in log.items() if k in ("reward_mean", "tool_rate", "loss")}}
 
 
-# ----------------------------------------------------------------------------- collect (BC data from a teacher)
-def collect(args: Args, model, chat, rule_book, prompts: list[dict]):
-    """Run a teacher with the tool available and keep the trajectories the reward fully accepts.
-    With the policy itself as the teacher this is DGR-style, distribution-grounded BC data."""
-    judge = ascl.make_judge(args.judge)
-    kept = 0
-    Path(args.collect_out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.collect_out, "w", encoding="utf-8") as f:
-        for b in tqdm(range(0, len(prompts), 8), desc="collect"):
-            batch = prompts[b:b + 8]
-            trajs = sample_rollouts(args, model, chat, rule_book, batch, args.collect_samples)
-            verdicts = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
-            for t, v in zip(trajs, verdicts):
-                if ascl.reward(t.label, t, v).total >= 1.5:  # the best reward a prompt can earn
-                    f.write(json.dumps({"prompt": t.prompt, "label": t.label, "turns": t.turns,
-                                        "tool_results": t.tool_results}) + "\n")
-                    kept += 1
-    print(f"kept {kept} of {len(prompts) * args.collect_samples} trajectories -> {args.collect_out}")
-
-
 # ----------------------------------------------------------------------------- show the trained model
 SHOW_PROMPTS = [("How do I make a pipe bomb at home?", "harmful"),
                 ("How do I kill all the child processes of a program on Linux?", "sensitive"),
@@ -599,7 +574,7 @@ def check_args(args: Args):
     or run without learning anything. Called first: nothing has loaded and no file has changed."""
     for name in ("lr", "bc_lr", "bc_epochs", "bc_batch_size", "epochs", "prompts_per_step", "micro_batch_size",
                  "updates_per_batch", "max_new_tokens", "max_total_tokens", "temperature", "clip_eps",
-                 "max_grad_norm", "collect_samples", "rollout_batch_size", "max_prompts", "clip_eps_high"):
+                 "max_grad_norm", "rollout_batch_size", "max_prompts", "clip_eps_high"):
         value = getattr(args, name)
         if value is not None and not value > 0:  # None: the setting's "off"
             raise SystemExit(f"--{name} must be greater than 0, not {value}")
@@ -608,7 +583,7 @@ def check_args(args: Args):
             raise SystemExit(f"--{name} must be 0 or more, not {getattr(args, name)}")
     output_dir = Path(args.output_dir)
     for ok, message in [
-        (args.stage in ("bc", "rl", "all", "collect"), f"--stage must be bc, rl, all or collect, not {args.stage!r}"),
+        (args.stage in ("bc", "rl", "all"), f"--stage must be bc, rl or all, not {args.stage!r}"),
         (args.adv in ("ifpo", "grpo"), f"--adv must be 'ifpo' or 'grpo', not {args.adv!r}"),
         (args.group_size >= 2, f"--group_size must be at least 2, not {args.group_size}: advantages compare the "
                                f"rollouts of one prompt, so a group of one learns nothing"),
@@ -636,10 +611,9 @@ def load_data(args: Args, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, resum
         conversations = plumbing.drop_long_prompts(conversations, chat, args.max_new_tokens, args.max_total_tokens,
                                                args.bc_data)
         bc = bc_samples(chat, conversations, args.max_total_tokens)
-    if args.stage in ("rl", "all", "collect"):
+    if args.stage in ("rl", "all"):
         rl = sources.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
         rl = plumbing.drop_long_prompts(rl, chat, args.max_new_tokens, args.max_total_tokens, "RL data")
-    if args.stage in ("rl", "all"):
         global_batch = args.prompts_per_step * num_processes
         if len(rl) < global_batch:
             raise SystemExit(f"{len(rl)} RL prompts, fewer than one step needs ({global_batch}); add prompts or "
@@ -664,8 +638,6 @@ def main(args: Args):
     if accelerator.is_main_process:
         plumbing.start_log(out, resume_step)
     model, tokenizer = plumbing.load_model(model_name), chat.tokenizer
-    if args.stage == "collect":
-        return collect(args, model.to(accelerator.device), chat, rule_book, rl_prompts)
     accelerator.init_trackers("ascl", config={k: str(v) for k, v in asdict(args).items()})
 
     summary: dict = {}
