@@ -4,9 +4,11 @@ ascl.py holds the method; train.py and eval.py use this for everything around it
   read_jsonl, write_atomic, check_row, drop_long_prompts   data files and rows, checked
   load_tokenizer, load_model, load_policy                   hub id, local folder or .gguf file
   save_checkpoint, latest_checkpoint, restore_rng, ...      atomic, resumable checkpoints
+  return_freed_memory                                       host memory that does not creep up
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -15,6 +17,22 @@ import shutil
 from pathlib import Path
 
 import torch
+
+
+# ----------------------------------------------------------------------------- host memory
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Have glibc give every freed block of `threshold` bytes or more straight back to the OS.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time it frees a large mapped block; after
+    that, tensors of that size come from the heap, whose freed space it rarely returns, so the
+    resident memory of a training process creeps up step after step (BC with
+    --gradient_checkpointing peaked at 4.97 GiB where 3.35 GiB is used). A fixed threshold keeps
+    each large tensor its own mapping, returned when freed. Returns False where there is no glibc.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------- data files and rows

@@ -626,6 +626,7 @@ def load_data(args: Args, chat: ascl.ChatFormat, rule_book: ascl.RuleBook, resum
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
     check_args(args)
+    plumbing.return_freed_memory()  # else glibc keeps freed activations and RSS creeps up step by step
     resume_from, resume_step = resume_point(args)
     model_name = str(resume_from) if resume_from else args.model
     chat = ascl.ChatFormat(plumbing.load_tokenizer(model_name))
