@@ -14,7 +14,12 @@ turn of a conversation whose tool result was just appended) join it every --chun
 KV cache of a conversation is reused for its next turn, and a group's shared prompt is
 prefilled once (plain generate prefills every row). --reference decodes with
 decoding.ReferenceDecoder (one plain generate per batch of queued turns) for the A/B.
-Also printed: the cost of one decode step by batch size. Prints figures, asserts nothing.
+Also printed: the cost of one decode step by batch size, and the bound it puts on the efficiency.
+On a CPU a decode step of 1 row costs about 40% of one of 16, so a rollout is paced by its longest
+conversation: a row that calls the tool writes its turns one after the other, while plain generate
+writes the average length in every row at once. "Ideal scheduling" is the efficiency of a decoder
+that wastes nothing (every row decoded from the first step, tool results free), with each step
+costing what the table says for the rows still writing. Prints figures, asserts nothing.
 """
 import argparse
 import functools
@@ -67,6 +72,22 @@ def decode_step_ms(model, batch_sizes=(1, 4, 8, 12, 16), context=200, steps=10) 
     return out
 
 
+def step_cost(costs: dict[int, float], rows: int) -> float:
+    """Milliseconds of a decode step of `rows` rows, interpolated in the measured table."""
+    sizes = sorted(costs)
+    lo = max([b for b in sizes if b <= rows], default=sizes[0])
+    hi = min([b for b in sizes if b >= rows], default=sizes[-1])
+    return costs[lo] if hi == lo else costs[lo] + (costs[hi] - costs[lo]) * (rows - lo) / (hi - lo)
+
+
+def ideal_efficiency(lengths: list[int], per_row: int, costs: dict[int, float]) -> float:
+    """Efficiency of a perfect scheduler: tokens written per row `lengths`, each decode step costing
+    what `costs` gives for the rows still writing, against plain generate's per_row steps of all rows."""
+    ideal = sum(step_cost(costs, sum(n >= s for n in lengths)) for s in range(1, max(lengths) + 1))
+    plain = per_row * step_cost(costs, len(lengths))
+    return (sum(lengths) / ideal) / (per_row * len(lengths) / plain)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
@@ -90,7 +111,7 @@ def main():
     prompts, labels = [r["prompt"] for r in rows], [r["label"] for r in rows]
     contexts = [chat.prompt_ids(q) for q in prompts for _ in range(a.group_size)]
 
-    ratios = []
+    ratios, bounds_in = [], []
     for rep in range(a.repeats + 1):  # the first round warms up and is not counted
         t0 = time.perf_counter()
         trajs = ascl.rollout(model, chat, book, prompts, labels, group_size=a.group_size, max_new_tokens=a.max_new_tokens)
@@ -107,11 +128,14 @@ def main():
               f"{t_plain:.2f}s ({n_plain / t_plain:.1f} tok/s); ratio {ratio:.3f}", flush=True)
         if rep:
             ratios.append(ratio)
+            bounds_in.append(([sum(t.action_mask) for t in trajs], per_row))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device}; batch {len(contexts)} rollouts, max_new_tokens {a.max_new_tokens}, decoder: "
           f"{'reference (plain generate per batch)' if a.reference else f'TurnDecoder, chunk {a.chunk}'}")
     model.eval()
-    print("decode step by batch size: " + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in decode_step_ms(model).items()))
+    costs = decode_step_ms(model)
+    print("decode step by batch size: " + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in costs.items()))
+    print(f"ideal scheduling would reach: {statistics.median(ideal_efficiency(n, p, costs) for n, p in bounds_in):.3f}")
     print(f"rollout efficiency: {statistics.median(ratios):.3f}")
 
 
