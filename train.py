@@ -70,7 +70,8 @@ class Args:
     warmup: float = arg(0.1, "share of RL steps spent warming the learning rate up")
     group_size: int = arg(4, "rollouts per prompt, |G| (paper: 8)")
     prompts_per_step: int = arg(2, "prompts per RL step, per process (paper: 16 in all)")
-    micro_batch_size: int = arg(8, "rollouts per forward/backward, within one group (gradient accumulation)")
+    micro_batch_size: int = arg(8, "rollouts (RL, within one group) or samples (BC) per forward/backward: "
+                                   "gradient accumulation, same update, less memory")
     updates_per_batch: int = arg(1, "optimizer steps on each batch of rollouts (1 = on-policy)")
     max_new_tokens: int = arg(96, "tokens per model turn")
     max_tool_calls: int = arg(2, "tool calls executed per rollout; a turn going past it ends the rollout")
@@ -330,13 +331,18 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
         for batch in bc_batches([len(ids) for ids, _ in samples], args.bc_batch_size * P, rng):
             num_tokens = sum(sum(samples[i][1]) for i in batch)  # the global batch's, known to every process
             mine = batch[rank * args.bc_batch_size:(rank + 1) * args.bc_batch_size]
-            weight = 1.0 if mine else 0.0
-            seqs, masks = zip(*(samples[i] for i in mine or batch[:1]))
-            logprobs, mask, _ = sequence_logprobs(model, list(seqs), list(masks), chat.pad_id, prompt_model)
-            nll = -(logprobs * mask).sum() * weight
-            # DDP averages gradients over processes: scale so the result is the global token mean
-            accelerator.backward(nll * P / max(num_tokens, 1))
-            loss = accelerator.reduce(nll.detach(), "sum").item() / max(num_tokens, 1)
+            weight, mine = (1.0, mine) if mine else (0.0, batch[:1])
+            parts = [mine[k:k + args.micro_batch_size] for k in range(0, len(mine), args.micro_batch_size)]
+            nll = torch.zeros((), device=accelerator.device)
+            for j, part in enumerate(parts):  # gradient accumulation, micro_batch_size samples a forward
+                with contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model):
+                    seqs, masks = zip(*(samples[i] for i in part))
+                    logprobs, mask, _ = sequence_logprobs(model, list(seqs), list(masks), chat.pad_id, prompt_model)
+                    part_nll = -(logprobs * mask).sum() * weight
+                    # DDP averages gradients over processes: scale so the result is the global token mean
+                    accelerator.backward(part_nll * P / max(num_tokens, 1))
+                nll += part_nll.detach()
+            loss = accelerator.reduce(nll, "sum").item() / max(num_tokens, 1)
             check_finite("BC loss", torch.tensor(loss), step)
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()

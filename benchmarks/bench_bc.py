@@ -1,6 +1,6 @@
 """Behaviour cloning: wall time and peak memory of `train.py --stage bc`, this tree against another commit.
 
-    python benchmarks/bench_bc.py [--model M] [--rows N] [--epochs 3] [--against COMMIT] [--repeats 1] [--gradient-checkpointing]
+    python benchmarks/bench_bc.py [--model M] [--rows N] [--epochs 3] [--against COMMIT] [--repeats 1] [--gradient-checkpointing] [--micro-batch-size K]
 
 Each run is `train.py --stage bc` in its own process (the experiment's BC settings: batch 8,
 lr 1e-4, max_total_tokens 768, on data/bc_seed.jsonl or its first --rows rows), and reports
@@ -30,7 +30,8 @@ def run_bc(tree: Path, data: Path, a, out: Path) -> dict:
     cmd = [sys.executable, "-c", RUNNER, "train.py", "--stage", "bc", "--bc_data", str(data), "--bc_epochs",
            str(a.epochs), "--bc_lr", "1e-4", "--bc_batch_size", "8", "--max_total_tokens", "768",
            "--output_dir", str(out)] + (["--model", a.model] if a.model else []) + (
-               ["--gradient_checkpointing", "true"] if a.gradient_checkpointing else [])
+               ["--gradient_checkpointing", "true"] if a.gradient_checkpointing else []) + (
+               ["--micro_batch_size", str(a.micro_batch_size)] if a.micro_batch_size else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
@@ -50,6 +51,7 @@ def main():
     p.add_argument("--against", default=None, help="a commit to compare with, e.g. HEAD~5")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true", help="BC with --gradient_checkpointing true")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="samples per forward/backward (default: the batch)")
     a = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +76,8 @@ def main():
             if a.against:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "against")],
                                capture_output=True)
-    print(f"BC of {len(lines[: a.rows] if a.rows else lines)} rows x {a.epochs} epochs, batch 8, {os.cpu_count()} CPUs:")
+    print(f"BC of {len(lines[: a.rows] if a.rows else lines)} rows x {a.epochs} epochs, batch 8 (micro-batch "
+          f"{a.micro_batch_size or 8}), gradient checkpointing {a.gradient_checkpointing}, {os.cpu_count()} CPUs:")
     for name, rs in results.items():
         print(f"  {name:>12}: median {statistics.median(r['seconds'] for r in rs):.0f} s, "
               f"peak RSS {max(r['peak_gib'] for r in rs):.2f} GiB")

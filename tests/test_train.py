@@ -405,6 +405,22 @@ def test_bc_under_two_processes_with_uneven_samples_matches_one_process(tiny_mod
     assert_same_final_weights(tmp_path / "two", tmp_path / "one")
 
 
+def test_bc_in_micro_batches_is_the_same_update(tiny_model_dir, tmp_path, monkeypatch):
+    """--micro_batch_size 2 in BC (gradient accumulation, less memory): same losses, same weights as
+    the whole batch of 8 in one forward."""
+    bc = write_jsonl(tmp_path / "bc.jsonl", [{**SEED_DIRECT_ROW, "prompt": f"Question {k}?" + " more" * k}
+                                             for k in range(9)])
+    sizes, logprobs = [], train.sequence_logprobs
+    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, *a: sizes.append(len(s)) or logprobs(m, s, *a))
+    for micro, out in ((8, tmp_path / "whole"), (2, tmp_path / "micro")):
+        train.main(rl_args(tiny_model_dir, out, stage="bc", bc_data=bc, bc_epochs=2, bc_batch_size=8, bc_lr=1e-3,
+                           bc_warmup=0.0, micro_batch_size=micro, show=False))
+    whole, micro = read_log(tmp_path / "whole"), read_log(tmp_path / "micro")
+    assert sorted(sizes[:4]) == [1, 1, 8, 8] and sorted(sizes[4:]) == [1, 1] + [2] * 8  # 9 samples, 2 epochs
+    assert [r["loss"] for r in micro] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
+    assert_same_final_weights(tmp_path / "whole", tmp_path / "micro")
+
+
 def test_old_and_new_logprobs_come_from_the_same_mode(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
     """--updates_per_batch 2: the old log-probs (no grad) and the trained ones see the model in train mode."""
     install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
