@@ -67,6 +67,9 @@ def main(args: Args) -> list[dict]:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plumbing.write_atomic(args.out, "".join(json.dumps(row) + "\n" for row in kept))
     print(f"kept {len(kept)} of {len(prompts) * args.samples} trajectories -> {args.out}")
+    if not kept:
+        print("nothing kept: no rollout earned --min_reward. A base model that does not yet follow the tool "
+              "protocol rarely does; use a stronger teacher (--model), more --samples, or a BC checkpoint")
     return kept
 
 
