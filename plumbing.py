@@ -25,9 +25,9 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
 
     glibc raises its mmap threshold (up to 32 MiB) each time it frees a large mapped block; after
     that, tensors of that size come from the heap, whose freed space it rarely returns, so the
-    resident memory of a training process creeps up step after step (BC with
-    --gradient_checkpointing peaked at 4.97 GiB where 3.35 GiB is used). A fixed threshold keeps
-    each large tensor its own mapping, returned when freed. Returns False where there is no glibc.
+    resident memory of a training process creeps up step after step (BC with --gradient_checkpointing
+    peaked at 5.21 GiB, and at 3.29 GiB with this fix: benchmarks/bench_bc.py). A fixed threshold
+    keeps each large tensor its own mapping, returned when freed. Returns False without glibc.
     """
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
