@@ -16,6 +16,7 @@ costs reasoning (the safety tax). So the target model rewrites every model turn 
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -157,16 +158,42 @@ def consulted(c: dict) -> bool:
 
 
 GUIDE_ECHO_RE = re.compile(r"reference reply|your own (?:reply|words)|same decision", re.IGNORECASE)
+COPY_SIMILARITY = 0.9  # a rewrite this close to the original (difflib ratio) is the original with a slip, not a rewrite
+
+
+def echoes_guide(turn: str) -> bool:
+    """The guide's words in a turn, or a second </think> (the protocol closes reasoning once a turn;
+    a small model that paraphrases the guide writes "..., close it with </think> and then help").
+
+    >>> echoes_guide("<think>\\nFine.\\n</think>\\n\\nHola. You can't call the tool, close it with </think>.")
+    True
+    >>> echoes_guide("<think>\\nFine.\\n</think>\\n\\nHola.")
+    False
+    """
+    return bool(GUIDE_ECHO_RE.search(turn)) or turn.count("</think>") > 1
+
+
+def near_copy(a: list[str], b: list[str]) -> bool:
+    """Turns a and b are the same text up to small edits (difflib ratio >= COPY_SIMILARITY).
+
+    >>> near_copy(["Tent, a stove and water."], ["Tent, a stove, and water."])
+    True
+    >>> near_copy(["Tent, a stove and water."], ["Bring a tent and a stove."])
+    False
+    """
+    return difflib.SequenceMatcher(None, "\n".join(t.strip() for t in a), "\n".join(t.strip() for t in b),
+                                   autojunk=False).ratio() >= COPY_SIMILARITY
 
 
 def judge_rewrite(chat, judge, original: dict, rewritten: dict | None, min_reward: float) -> str:
     """'kept', or why the rewrite is rejected, in this order: 'unfinished turn'; 'echoes the guide'
     (small models copy the instruction into their reply); 'consult decision changed'; 'refusal
     decision changed' (the judge's `refused` on the two answers); 'copy of the original' (not a
-    rewrite); 'reward < min_reward' (Eq. 1)."""
+    rewrite: the same text up to small edits, which in a small model are slips, e.g. 14 + 29 = 33);
+    'reward < min_reward' (Eq. 1)."""
     if rewritten is None:
         return "unfinished turn"
-    if any(GUIDE_ECHO_RE.search(turn) for turn in rewritten["turns"]):
+    if any(echoes_guide(turn) for turn in rewritten["turns"]):
         return "echoes the guide"
     if consulted(rewritten) != consulted(original):
         return "consult decision changed"
@@ -174,7 +201,7 @@ def judge_rewrite(chat, judge, original: dict, rewritten: dict | None, min_rewar
     before, after = judge([t.prompt for t in trajs], [t.answer for t in trajs], [t.label for t in trajs])
     if before.refused != after.refused:
         return "refusal decision changed"
-    if [t.strip() for t in rewritten["turns"]] == [t.strip() for t in original["turns"]]:
+    if near_copy(rewritten["turns"], original["turns"]):
         return "copy of the original"
     if ascl.reward(trajs[1].label, trajs[1], after).total < min_reward:
         return f"reward < {min_reward:g}"

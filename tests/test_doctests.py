@@ -9,11 +9,12 @@ import guard
 import decoding
 import ifpo
 import plumbing
+import refine
 import sources
 import train
 
 
-@pytest.mark.parametrize("module", [ifpo, ascl, decoding, guard, plumbing, sources, train, scoring], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [ifpo, ascl, decoding, guard, plumbing, sources, train, scoring, refine], ids=lambda m: m.__name__)
 def test_docstring_examples_hold(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -134,6 +134,13 @@ def test_a_rewrite_that_echoes_the_guide_or_copies_the_original_is_rejected(toke
     assert outcome(chat, rule_book, original)[1] == "echoes the guide"
     script(monkeypatch, lambda p: [original["turns"][0][len("<think>\n"):]])  # after the prefilled <think>
     assert outcome(chat, rule_book, original)[1] == "copy of the original"
+    # what the 135M model wrote for three bundled rows, which the exact checks let through:
+    # the original with a paraphrase of the guide appended, and the original with a slip
+    script(monkeypatch, lambda p: ["A normal request.\n</think>\n\nUse kill PID.\n\nYou can't call the tool, close it "
+                                   "with </think> and then help with the request."])
+    assert outcome(chat, rule_book, original)[1] == "echoes the guide"
+    script(monkeypatch, lambda p: ["A normal request.\n</think>\n\nUse kill PIDs."])
+    assert outcome(chat, rule_book, original)[1] == "copy of the original"
 
 
 def test_an_unfinished_turn_is_rejected(tokenizer, rule_book, monkeypatch):
