@@ -27,7 +27,9 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     that, tensors of that size come from the heap, whose freed space it rarely returns, so the
     resident memory of a training process creeps up step after step (BC with --gradient_checkpointing
     peaked at 5.21 GiB, and at 3.29 GiB with this fix: benchmarks/bench_bc.py). A fixed threshold
-    keeps each large tensor its own mapping, returned when freed. Returns False without glibc.
+    keeps each large tensor its own mapping, returned when freed, at a price in time: each is then a
+    fresh mapping the kernel zeroes (BC without checkpointing: 113 s instead of 91). train.py calls
+    it with --gradient_checkpointing only. Returns False without glibc.
     """
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
