@@ -164,12 +164,13 @@ def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, action: to
         positions 1 and 2 (predicting a and E) are the only ones whose logits are computed.
     With several rows, only each row's own trained positions go through the output layer.
     """
-    logprobs, mask, _ = _shifted_logprobs(model, ids, attention, action)
+    logprobs, mask, _ = _shifted_logprobs(model, ids, attention, action, entropy=False)
     return logprobs, mask
 
 
-def _shifted_logprobs(model, ids, attention, action, past=None, positions=None):
-    """token_logprobs, plus the policy's entropy at the trained positions (no gradient).
+def _shifted_logprobs(model, ids, attention, action, past=None, positions=None, entropy: bool = True):
+    """token_logprobs, plus the policy's entropy at the trained positions (no gradient; None
+    without `entropy`: BC does not log it, and it costs a softmax over the vocabulary per token).
 
     The output layer runs on the trained positions only: a pre-hook on it keeps, of the
     positions some row trains (logits_to_keep), just each row's own, so no full-vocabulary
@@ -185,34 +186,38 @@ def _shifted_logprobs(model, ids, attention, action, past=None, positions=None):
                        use_cache=past is not None, logits_to_keep=keep).logits[0].float()  # (N, V)
     finally:
         hook.remove()
-    picked, entropy = _logprobs_and_entropy(logits, ids[:, 1:].index_select(1, keep)[rows, cols])
+    picked, h = _logprobs_and_entropy(logits, ids[:, 1:].index_select(1, keep)[rows, cols], entropy)
     where = (rows, keep[cols])
     logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(where, picked)
-    return logprobs, mask, torch.zeros_like(logprobs).index_put(where, entropy)
+    return logprobs, mask, None if h is None else torch.zeros_like(logprobs).index_put(where, h)
 
 
-def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor):
-    """log p(target) (with gradient) and the entropy of p (without), per position. logits (..., V)."""
+def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, entropy: bool = True):
+    """log p(target) (with gradient) and the entropy of p (without; None if not `entropy`), per
+    position. logits (..., V)."""
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not entropy:
+        return picked, None
     with torch.no_grad():
-        entropy = lse - (logits.softmax(-1) * logits).sum(-1)
-    return picked, entropy
+        h = lse - (logits.softmax(-1) * logits).sum(-1)
+    return picked, h
 
 
-def sequence_logprobs(model, seqs: list[list[int]], masks: list[list[int]], pad_id: int, prompt_model=None):
-    """(logprobs, mask, entropy) of a batch of sequences. With a prompt_model, the prefix the rows
-    share before their first trained token (a group's prompt in RL, the system prompt in BC) goes
-    through the model once (group_logprobs); else every row runs whole (_shifted_logprobs).
+def sequence_logprobs(model, seqs: list[list[int]], masks: list[list[int]], pad_id: int, prompt_model=None,
+                      entropy: bool = True):
+    """(logprobs, mask, entropy or None) of a batch of sequences. With a prompt_model, the prefix the
+    rows share before their first trained token (a group's prompt in RL, the system prompt in BC)
+    goes through the model once (group_logprobs); else every row runs whole (_shifted_logprobs).
 
     >>> shared_prefix([[5, 6, 7, 8], [5, 6, 9]], [[0, 0, 1, 1], [0, 0, 0]])
     2
     """
     prefix = shared_prefix(seqs, masks)
     if prompt_model is not None and prefix > 0 and any(len(s) > prefix for s in seqs):
-        return group_logprobs(model, prompt_model, seqs[0][:prefix], seqs, masks, pad_id)
+        return group_logprobs(model, prompt_model, seqs[0][:prefix], seqs, masks, pad_id, entropy)
     device = next(model.parameters()).device
-    return _shifted_logprobs(model, *(t.to(device) for t in pad_batch(seqs, masks, pad_id)))
+    return _shifted_logprobs(model, *(t.to(device) for t in pad_batch(seqs, masks, pad_id)), entropy=entropy)
 
 
 def shared_prefix(seqs: list[list[int]], masks: list[list[int]]) -> int:
@@ -224,7 +229,8 @@ def shared_prefix(seqs: list[list[int]], masks: list[list[int]]) -> int:
     return n
 
 
-def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]], masks: list[list[int]], pad_id: int):
+def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]], masks: list[list[int]], pad_id: int,
+                   entropy: bool = True):
     """token_logprobs for rollouts that share `prompt`, which goes through the model once.
 
     The prompt's keys and values are expanded to the group and the continuations run on top
@@ -243,13 +249,13 @@ def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]]
                          for layer in out.past_key_values.layers], config=prompt_model.config)
     ids, attention, action = (t.to(device) for t in pad_batch([s[P:] for s in seqs], [m[P:] for m in masks], pad_id))
     C = ids.shape[1]
-    first_lp, first_h = _logprobs_and_entropy(out.logits[:, -1].float().expand(G, -1), ids[:, 0])
+    first_lp, first_h = _logprobs_and_entropy(out.logits[:, -1].float().expand(G, -1), ids[:, 0], entropy)
     rest_lp, _, rest_h = _shifted_logprobs(
         model, ids, torch.cat([attention.new_ones((G, P)), attention], 1), action, past,
-        torch.arange(P, P + C, device=device).expand(G, -1))
+        torch.arange(P, P + C, device=device).expand(G, -1), entropy)
     mask = action
     logprobs = torch.cat([first_lp.unsqueeze(1), rest_lp], 1) * mask
-    return logprobs, mask, torch.cat([first_h.unsqueeze(1), rest_h], 1) * mask
+    return logprobs, mask, torch.cat([first_h.unsqueeze(1), rest_h], 1) * mask if entropy else None
 
 
 # ----------------------------------------------------------------------------- checkpoints and the optimizer
@@ -338,7 +344,8 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, tokenizer, ch
             for j, part in enumerate(parts):  # gradient accumulation, micro_batch_size samples a forward
                 with contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model):
                     seqs, masks = zip(*(samples[i] for i in part))
-                    logprobs, mask, _ = sequence_logprobs(model, list(seqs), list(masks), chat.pad_id, prompt_model)
+                    logprobs, mask, _ = sequence_logprobs(model, list(seqs), list(masks), chat.pad_id, prompt_model,
+                                                          entropy=False)
                     part_nll = -(logprobs * mask).sum() * weight
                     # DDP averages gradients over processes: scale so the result is the global token mean
                     accelerator.backward(part_nll * P / max(num_tokens, 1))
@@ -439,15 +446,27 @@ def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:
             "truncated": mean(trunc), "response_length": mean(length)}
 
 
-def micro_batches(n: int, group_size: int, size: int) -> list[list[int]]:
-    """Rollout indices in micro-batches of at most `size`, never across groups (a micro-batch
-    shares its prompt).
+def micro_batches(n: int, group_size: int, size: int, keep: list[bool] | None = None) -> list[list[int]]:
+    """Rollout indices (those `keep` marks, or all) in micro-batches of at most `size`, never
+    across groups (a micro-batch shares its prompt).
 
     >>> micro_batches(8, group_size=4, size=3)
     [[0, 1, 2], [3], [4, 5, 6], [7]]
+    >>> micro_batches(8, group_size=4, size=3, keep=[1, 1, 0, 1, 0, 0, 0, 0])
+    [[0, 1, 3]]
     """
-    return [list(range(g + i, min(g + i + size, g + group_size, n))) for g in range(0, n, group_size)
-            for i in range(0, min(group_size, n - g), size)]
+    groups = [[i for i in range(g, min(g + group_size, n)) if keep is None or keep[i]] for g in range(0, n, group_size)]
+    return [grp[k:k + size] for grp in groups for k in range(0, len(grp), size)]
+
+
+def update_batches(args: Args, advantages: torch.Tensor) -> list[list[int]]:
+    """The micro-batches the update runs. Without a KL term (--beta 0) a rollout whose advantage
+    is 0 (every rollout of a group whose rewards are all equal) adds exactly 0 to the loss and to
+    every gradient, so it is left out; its tokens still count in the token mean, so the update is
+    the same. A process left with nothing runs its first rollout anyway: DDP needs every process
+    in the backward, and AdamW then steps on zero gradients, as it would have."""
+    keep = None if args.beta else (advantages != 0).tolist()
+    return micro_batches(len(advantages), args.group_size, args.micro_batch_size, keep) or [[0]]
 
 
 def rollout_logprobs(model, trajs, idx: list[int], pad_id: int, prompt_model=None):
@@ -466,7 +485,7 @@ def policy_update(args: Args, accelerator: Accelerator, model, optimizer, trajs,
     a cached prefix, so with it every rollout runs whole.
     """
     device = accelerator.device
-    micro = micro_batches(len(trajs), args.group_size, args.micro_batch_size)
+    micro = update_batches(args, advantages)
     prompt_model = None if args.gradient_checkpointing else accelerator.unwrap_model(model)
     local_tokens = torch.tensor(float(sum(sum(t.action_mask) for t in trajs)), device=device)
     # DDP averages gradients over processes, so each process divides by the global count / world size
@@ -479,7 +498,8 @@ def policy_update(args: Args, accelerator: Accelerator, model, optimizer, trajs,
         ref = [rollout_logprobs(ref_model, trajs, idx, pad_id, ref_model)[0] for idx in micro] if args.beta else None
     stats: dict[str, float] = {}
     for _ in range(args.updates_per_batch):
-        sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0}
+        sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0, "ran": 0.0,
+                "rollouts": 0.0}
         for j, idx in enumerate(micro):
             with contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model):
                 logprobs, mask, entropy = rollout_logprobs(model, trajs, idx, pad_id, prompt_model)
@@ -488,16 +508,21 @@ def policy_update(args: Args, accelerator: Accelerator, model, optimizer, trajs,
                                       args.clip_eps, args.clip_eps_high, ref[j] if ref else None, args.beta, num_tokens)
                 check_finite("policy loss", loss.detach(), step)
                 accelerator.backward(loss)
-            share = s["num_tokens"] / (num_tokens * accelerator.num_processes)
             sums["loss"] += loss.item() / accelerator.num_processes
-            sums["entropy"] += float(entropy.sum()) / (num_tokens * accelerator.num_processes)
+            sums["entropy"] += float(entropy.sum())
+            sums["ran"] += s["num_tokens"]
+            sums["rollouts"] += len(idx)
             for k in ("clip_frac", "approx_kl", "kl_ref"):
-                sums[k] += s.get(k, 0.0) * share
+                sums[k] += s.get(k, 0.0) * s["num_tokens"]
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         check_finite("gradient norm", torch.as_tensor(grad_norm), step)
         optimizer.step()
         optimizer.zero_grad()
         stats = {k: accelerator.reduce(torch.tensor(v, device=device), "sum").item() for k, v in sums.items()}
+        ran = max(stats.pop("ran"), 1.0)  # per-token figures are over the rollouts the update ran
+        for k in ("entropy", "clip_frac", "approx_kl", "kl_ref"):
+            stats[k] /= ran
+        stats["updated_rollouts"] = stats.pop("rollouts") / (len(trajs) * accelerator.num_processes)
         stats["grad_norm"] = float(grad_norm)
     if not args.beta:
         stats.pop("kl_ref")

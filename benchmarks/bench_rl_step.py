@@ -47,7 +47,8 @@ Differences that cannot be removed, printed with the figures:
 Per side and precision: step seconds, split into rollout (generation with the tool loop) and
 update (everything after: reward, advantages, forward/backward, optimizer), the positions the
 update's forward passes run (padding included: train.py runs a group's prompt once, TRL every
-row's), the share of rollouts that finished, and peak RSS.
+row's; train.py leaves out rollouts whose advantage is 0, TRL runs them), the share of rollouts
+that finished, the share of groups whose rewards are all equal (every advantage 0), and peak RSS.
 """
 import argparse
 import json
@@ -137,21 +138,28 @@ def worker_train(a) -> dict:
             rss_gen.append(rss_mib())
             return trajs
 
-        ascl.rollout = rollout
+        ran, real_batches = [], train.update_batches  # the micro-batches the update runs
+
+        def update_batches(*args_):
+            ran.extend(real_batches(*args_))
+            return ran
+
+        ascl.rollout, train.update_batches = rollout, update_batches
         t0 = time.perf_counter()
         log = train.rl_step(args, accelerator, model, optimizer, scheduler, chat, book, judge, prompts, 0)
         step_s = time.perf_counter() - t0
-        ascl.rollout = real_rollout
+        ascl.rollout, train.update_batches = real_rollout, real_batches
     prompt_len = [len(chat.prompt_ids(t.prompt)) for t in seen]
     # what the update's forward passes run: per micro-batch (one group), the prompt once and the
     # continuations right-padded to the longest
     update_tokens = 0
-    for idx in train.micro_batches(len(seen), args.group_size, args.micro_batch_size):
+    for idx in ran:
         update_tokens += prompt_len[idx[0]] + len(idx) * max(len(seen[i].input_ids) - prompt_len[i] for i in idx)
     return {"step_s": step_s, "rollout_s": log["rollout_s"], "update_s": step_s - log["rollout_s"],
             "update_tokens": update_tokens, "finished": statistics.mean(t.answer is not None for t in seen),
             "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
             "rollouts": len(seen), "tool_rate": log["tool_rate"], "reward_mean": log["reward_mean"],
+            "zero_spread": log["zero_spread_groups"], "updated": log["updated_rollouts"],
             "model_tokens": log["response_length"],
             "completion_len": statistics.mean(len(t.input_ids) - n for t, n in zip(seen, prompt_len)),
             "prompt_len": statistics.mean(prompt_len), "detail": ""}
@@ -326,6 +334,7 @@ def worker_trl(a) -> dict:
             "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_after_gen, "rss_peak_mib": rss_mib(),
             "rollouts": rollouts, "tool_rate": logs.get("tools/call_frequency", float("nan")),
             "reward_mean": logs.get("reward", float("nan")), "model_tokens": float("nan"),
+            "zero_spread": logs.get("frac_reward_zero_std", float("nan")), "updated": 1.0,
             "completion_len": logs.get("completions/mean_length", float("nan")),
             "prompt_len": statistics.mean(len(expected_ids[r["question"]]) for r in rows),
             "detail": f"trainer.train() {train_s:.1f}s; prompt ids equal train.py's: {same_prompt}"}
@@ -421,7 +430,8 @@ def main():
                 print(f"{precision} rep {rep + 1} {side:>8}: step {r['step_s']:6.1f}s (rollout {r['rollout_s']:5.1f}s, "
                       f"update {r['update_s']:5.1f}s, {r['update_tokens']} positions)  peak RSS {r['rss_peak_mib']:6.0f} MiB"
                       f"  | finished {r['finished']:.2f}, tool-call rate {r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
-                      f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok"
+                      f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok, "
+                      f"zero-spread groups {r['zero_spread']:.2f}, rollouts updated {r['updated']:.2f}"
                       + (f"  | {r['detail']}" if r["detail"] else ""), flush=True)
         summary[precision] = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in results.items()}
     print("\nmedians (train.py | TRL | ratio):")

@@ -225,8 +225,8 @@ def test_bf16_autocast_trains_like_fp32(tokenizer, rule_book):
 def test_bc_with_gradient_checkpointing_runs_every_sample_whole(tiny_model_dir, tmp_path, monkeypatch):
     """--gradient_checkpointing in BC (most of BC's memory is activations): checkpointed, no shared prefix."""
     seen, logprobs = [], train.sequence_logprobs
-    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, k, pad, prompt_model: seen.append(
-        (prompt_model, getattr(m, "is_gradient_checkpointing", None))) or logprobs(m, s, k, pad, prompt_model))
+    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, k, pad, prompt_model, **kw: seen.append(
+        (prompt_model, getattr(m, "is_gradient_checkpointing", None))) or logprobs(m, s, k, pad, prompt_model, **kw))
     bc = write_jsonl(tmp_path / "bc.jsonl", [SEED_TOOL_ROW, SEED_DIRECT_ROW])
     train.main(rl_args(tiny_model_dir, tmp_path, stage="bc", bc_data=bc, gradient_checkpointing=True, show=False))
     assert seen and all(p is None and gc for p, gc in seen) and read_log(tmp_path)[-1]["loss"] > 0
@@ -378,14 +378,20 @@ def assert_same_final_weights(a: Path, b: Path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path, beta):
     """2 processes x 2 prompts == 1 process x 4 prompts: same groups, same token-mean loss, same weights,
-    with the KL term on (the reference model sits on each process's device)."""
-    two, one = run_two_and_one_process(tiny_model_dir, tmp_path, ["2", "beta=0.5"], ["4", "beta=0.5"])
+    with the KL term on (the reference model sits on each process's device), and without it, where
+    the update leaves out zero-advantage rollouts and a process may have none left to run."""
+    extra = [f"beta={beta}"] + ([] if beta else ["group_size=2"])
+    two, one = run_two_and_one_process(tiny_model_dir, tmp_path, ["2"] + extra, ["4"] + extra)
     assert [r["processes"] for r in two] == [2, 2] and [r["processes"] for r in one] == [1, 1]
-    assert two[-1]["kl_ref"] > 0
+    assert two[-1]["kl_ref"] > 0 if beta else "kl_ref" not in two[-1]
+    if not beta:  # groups of 2 scripted rollouts: some have equal rewards, and are left out
+        assert min(r["updated_rollouts"] for r in two) < 1
     for a, b in zip(two, one):
-        for k in ("reward_mean", "tool_rate", "response_length", "loss", "grad_norm", "kl_ref"):
+        for k in ("reward_mean", "tool_rate", "response_length", "loss", "grad_norm", "updated_rollouts") + (
+                ("kl_ref",) if beta else ()):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert_same_final_weights(tmp_path / "two", tmp_path / "one")
 
@@ -411,7 +417,7 @@ def test_bc_in_micro_batches_is_the_same_update(tiny_model_dir, tmp_path, monkey
     bc = write_jsonl(tmp_path / "bc.jsonl", [{**SEED_DIRECT_ROW, "prompt": f"Question {k}?" + " more" * k}
                                              for k in range(9)])
     sizes, logprobs = [], train.sequence_logprobs
-    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, *a: sizes.append(len(s)) or logprobs(m, s, *a))
+    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, *a, **kw: sizes.append(len(s)) or logprobs(m, s, *a, **kw))
     for micro, out in ((8, tmp_path / "whole"), (2, tmp_path / "micro")):
         train.main(rl_args(tiny_model_dir, out, stage="bc", bc_data=bc, bc_epochs=2, bc_batch_size=8, bc_lr=1e-3,
                            bc_warmup=0.0, micro_batch_size=micro, show=False))
@@ -660,3 +666,46 @@ def test_freed_tensors_go_back_to_the_os(tmp_path):
         return int(out.stdout.split()[-1])
 
     assert growth("fixed") < 120 < growth("default")
+
+
+def test_zero_advantage_rollouts_are_left_out_of_the_update_with_the_same_result(tokenizer, rule_book, monkeypatch):
+    """Without a KL term a rollout whose advantage is 0 adds nothing to the loss or the gradients:
+    the update leaves it out and reaches the same weights, also on a step where every advantage
+    is 0 (AdamW's momentum still moves the weights, which needs zero gradients, not none)."""
+    chat = ascl.ChatFormat(tokenizer)
+    turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    direct, _ = sources.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
+    trajs = []
+    for t, r in [(turns, results), (direct, []), ([direct[0] + " Longer."], [])] * 2:  # 2 groups of 3
+        ids, mask, _ = chat.encode_conversation(SEED_TOOL_ROW["prompt"], t, r)
+        trajs.append(ascl.Trajectory(SEED_TOOL_ROW["prompt"], "harmful", ids, mask, turns=t, tool_results=r))
+    steps = [torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0]), torch.zeros(6)]
+    args = train.Args(group_size=3, micro_batch_size=2, lr=1e-2, warmup=0.0)
+    ran, logprobs = [], train.rollout_logprobs
+    monkeypatch.setattr(train, "rollout_logprobs", lambda m, t, idx, pad, prompt_model: ran.append(list(idx))
+                        or logprobs(m, t, idx, pad, prompt_model))
+
+    def train_two_steps():
+        model = make_tiny_model(len(tokenizer))
+        optimizer = train.make_optimizer(model, args.lr)
+        stats = [train.policy_update(args, Accelerator(cpu=True), model, optimizer, trajs, adv, chat.pad_id)
+                 for adv in steps]
+        return stats, dict(model.named_parameters())
+
+    skipped, skipped_weights = train_two_steps()
+    assert ran == [[0, 2], [0]]  # step 1: the nonzero rollouts; step 2: one, for the zero gradients
+    assert [s["updated_rollouts"] for s in skipped] == [2 / 6, 1 / 6]
+    # with a KL term every rollout has a gradient: none is left out
+    assert train.update_batches(train.Args(group_size=3, micro_batch_size=3, beta=0.1), steps[1]) == [[0, 1, 2],
+                                                                                                     [3, 4, 5]]
+    ran.clear()
+    monkeypatch.setattr(train, "update_batches", lambda a, adv: train.micro_batches(len(adv), a.group_size, 2))
+    full, full_weights = train_two_steps()
+    assert ran == [[0, 1], [2], [3, 4], [5]] * 2 and full[0]["updated_rollouts"] == 1.0
+    for a, b in zip(skipped, full):
+        assert math.isclose(a["loss"], b["loss"], abs_tol=1e-6) and math.isclose(a["grad_norm"], b["grad_norm"],
+                                                                                  rel_tol=1e-4)
+    # float noise in the gradients, amplified by Adam's normalisation; a missed step would move by ~lr
+    assert all(torch.allclose(skipped_weights[k], full_weights[k], atol=5e-5) for k in full_weights)
+    moved = make_tiny_model(len(tokenizer)).state_dict()
+    assert any(not torch.allclose(moved[k], full_weights[k]) for k in full_weights)
