@@ -132,9 +132,12 @@ def test_masked_tokens_get_no_gradient(tokenizer, tiny_model, rule_book):
     assert mask[0].sum() < (attention[0].sum() - len(chat.prompt_ids(trajs[0].prompt)))
 
 
-def test_a_shared_prompt_update_gives_the_same_loss_and_gradients_as_whole_rollouts(tokenizer, rule_book):
+@pytest.mark.parametrize("split_cost,runs", [(32, [[2, 1], [0]]), (10**9, [[0, 2, 1]])])
+def test_a_shared_prompt_update_gives_the_same_loss_and_gradients_as_whole_rollouts(tokenizer, rule_book, monkeypatch,
+                                                                                     split_cost, runs):
     """The group's prompt runs once, its keys/values expanded to the group, gradients flowing back
-    through them: loss, log-probs and every parameter's gradient match running each rollout whole."""
+    through them, the continuations in one pass or in passes of similar length: loss, log-probs
+    and every parameter's gradient match running each rollout whole."""
     chat = ascl.ChatFormat(tokenizer)
     turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
     direct, _ = sources.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
@@ -151,6 +154,9 @@ def test_a_shared_prompt_update_gives_the_same_loss_and_gradients_as_whole_rollo
         loss.backward()
         return loss, lp[mask == 1], entropy[mask == 1], {k: p.grad for k, p in model.named_parameters()}
 
+    prompt = len(chat.prompt_ids(SEED_TOOL_ROW["prompt"]))
+    monkeypatch.setitem(train.SPLIT_COST, "cpu", split_cost)
+    assert train.length_runs([len(t.input_ids) - prompt for t in trajs], split_cost) == runs
     shared, whole = loss_and_grads(True), loss_and_grads(False)
     assert len(shared[1]) == sum(sum(t.action_mask) for t in trajs)
     for a, b in zip(shared[:3], whole[:3]):
