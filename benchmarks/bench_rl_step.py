@@ -151,10 +151,12 @@ def worker_train(a) -> dict:
         ascl.rollout, train.update_batches = real_rollout, real_batches
     prompt_len = [len(chat.prompt_ids(t.prompt)) for t in seen]
     # what the update's forward passes run: per micro-batch (one group), the prompt once and the
-    # continuations right-padded to the longest
+    # continuations in runs of similar length, each right-padded to its longest
     update_tokens = 0
     for idx in ran:
-        update_tokens += prompt_len[idx[0]] + len(idx) * max(len(seen[i].input_ids) - prompt_len[i] for i in idx)
+        lengths = [len(seen[i].input_ids) - prompt_len[i] for i in idx]
+        runs = train.length_runs(lengths, train.SPLIT_COST[accelerator.device.type])
+        update_tokens += prompt_len[idx[0]] + sum(len(r) * max(lengths[i] for i in r) for r in runs)
     return {"step_s": step_s, "rollout_s": log["rollout_s"], "update_s": step_s - log["rollout_s"],
             "update_tokens": update_tokens, "finished": statistics.mean(t.answer is not None for t in seen),
             "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
