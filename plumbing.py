@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import random
 import re
@@ -35,6 +36,40 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+# ----------------------------------------------------------------------------- batching
+# padding positions worth one more pass over a group's continuations. On a CPU a pass's fixed
+# cost is the weight gradients it writes and adds (as many as the model's parameters) and the
+# lower speed of thinner matmuls: about 128 positions (chosen by timing bench_rl_step's update
+# with one pass per group, 64 and 128; redo with its --split-cost). On a GPU positions are almost
+# free and a pass costs its kernel launches: splitting all but off (not measured here).
+SPLIT_COST = {"cpu": 128, "other": 4096}
+
+
+def length_runs(lengths: list[int], device_type: str = "cpu", split_cost: int | None = None) -> list[list[int]]:
+    """Row indices in runs of similar length, shortest run first, that minimise the positions
+    run (each run padded to its longest) plus split_cost (default: SPLIT_COST of the device) per run.
+
+    >>> length_runs([100, 30, 35, 98], split_cost=32)
+    [[2, 1], [0, 3]]
+    >>> length_runs([100, 30, 35, 98], split_cost=200)
+    [[0, 3, 2, 1]]
+    """
+    if split_cost is None:
+        split_cost = SPLIT_COST.get(device_type, SPLIT_COST["other"])
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best, start = [0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best cost of the first j, its last run
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + split_cost + (j - i) * lengths[order[i]]
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    runs, j = [], len(order)
+    while j:
+        runs.append(order[start[j]:j])
+        j = start[j]
+    return runs
 
 
 # ----------------------------------------------------------------------------- data files and rows

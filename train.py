@@ -235,7 +235,7 @@ def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]]
 
     The prompt's keys and values are expanded to the group and the continuations run on top
     of them, with gradients flowing back through the shared prefix; continuations of very
-    different lengths run in separate passes (length_runs), so little padding runs. prompt_model
+    different lengths run in separate passes (plumbing.length_runs), so little padding runs. prompt_model
     is the model without its DDP wrapper: DDP allows one wrapped forward per backward (the last
     pass takes it), and the gradient of every parameter still arrives summed before DDP reduces it.
     Returns (logprobs, mask, entropy), each (G, C), aligned with the continuations
@@ -248,7 +248,7 @@ def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]]
     out = prompt_model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
     ids, action = (t.to(device) for t in pad_batch([s[P:] for s in seqs], [m[P:] for m in masks], pad_id)[::2])
     first_lp, first_h = _logprobs_and_entropy(out.logits[:, -1].float().expand(G, -1), ids[:, 0], entropy)
-    runs = length_runs([len(s) - P for s in seqs], SPLIT_COST.get(device.type, SPLIT_COST["other"]))
+    runs = plumbing.length_runs([len(s) - P for s in seqs], device.type)
     parts = []
     for k, rows in enumerate(runs):
         n, C = len(rows), max(len(seqs[i]) - P for i in rows)
@@ -269,38 +269,6 @@ def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]]
         return logprobs, mask, None
     rest_h = torch.cat([h for _, h in parts]).index_select(0, back)
     return logprobs, mask, torch.cat([first_h.unsqueeze(1), rest_h], 1) * mask
-
-
-# padding positions worth one more pass over a group's continuations. On a CPU a pass's fixed
-# cost is the weight gradients it writes and adds (as many as the model's parameters) and the
-# lower speed of thinner matmuls: worth about 128 positions (one update of bench_rl_step's
-# workload, median of 3: 22.0 s in one pass per group, 20.7 s at 64, 19.7 s at 128). On a GPU
-# positions are almost free and a pass costs its kernel launches: splitting all but off (not
-# measured here).
-SPLIT_COST = {"cpu": 128, "other": 4096}
-
-
-def length_runs(lengths: list[int], split_cost: int) -> list[list[int]]:
-    """Row indices in runs of similar length, shortest run first, that minimise the positions
-    run (each run padded to its longest) plus split_cost per run.
-
-    >>> length_runs([100, 30, 35, 98], split_cost=32)
-    [[2, 1], [0, 3]]
-    >>> length_runs([100, 30, 35, 98], split_cost=200)
-    [[0, 3, 2, 1]]
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    best, start = [0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best cost of the first j, its last run
-    for j in range(1, len(order) + 1):
-        for i in range(j):
-            cost = best[i] + split_cost + (j - i) * lengths[order[i]]
-            if cost < best[j]:
-                best[j], start[j] = cost, i
-    runs, j = [], len(order)
-    while j:
-        runs.append(order[start[j]:j])
-        j = start[j]
-    return runs
 
 
 # ----------------------------------------------------------------------------- checkpoints and the optimizer
@@ -505,11 +473,10 @@ def micro_batches(n: int, group_size: int, size: int, keep: list[bool] | None = 
 
 
 def update_batches(args: Args, advantages: torch.Tensor) -> list[list[int]]:
-    """The micro-batches the update runs. Without a KL term (--beta 0) a rollout whose advantage
-    is 0 (every rollout of a group whose rewards are all equal) adds exactly 0 to the loss and to
-    every gradient, so it is left out; its tokens still count in the token mean, so the update is
-    the same. A process left with nothing runs its first rollout anyway: DDP needs every process
-    in the backward, and AdamW then steps on zero gradients, as it would have."""
+    """The micro-batches the update runs. Without a KL term (--beta 0) a rollout with advantage 0
+    (a group whose rewards are all equal) adds exactly 0 to the loss and every gradient, so it is
+    left out; its tokens still count in the token mean. A process left with nothing runs its first
+    rollout: DDP needs every process in the backward, and AdamW steps on zero gradients as before."""
     keep = None if args.beta else (advantages != 0).tolist()
     return micro_batches(len(advantages), args.group_size, args.micro_batch_size, keep) or [[0]]
 

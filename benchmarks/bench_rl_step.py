@@ -114,6 +114,8 @@ def worker_train(a) -> dict:
     import train
 
     set_seed(a.seed)
+    if a.split_cost is not None:
+        plumbing.SPLIT_COST["cpu"] = a.split_cost
     model, tokenizer = plumbing.load_policy(a.model)
     rss_loaded = rss_mib()
     with tempfile.TemporaryDirectory() as out:
@@ -155,7 +157,7 @@ def worker_train(a) -> dict:
     update_tokens = 0
     for idx in ran:
         lengths = [len(seen[i].input_ids) - prompt_len[i] for i in idx]
-        runs = train.length_runs(lengths, train.SPLIT_COST[accelerator.device.type])
+        runs = plumbing.length_runs(lengths, accelerator.device.type)
         update_tokens += prompt_len[idx[0]] + sum(len(r) * max(lengths[i] for i in r) for r in runs)
     return {"step_s": step_s, "rollout_s": log["rollout_s"], "update_s": step_s - log["rollout_s"],
             "update_tokens": update_tokens, "finished": statistics.mean(t.answer is not None for t in seen),
@@ -380,6 +382,8 @@ def run_worker(side: str, a) -> dict:
            "--precision", a.precision]
     if a.model:
         cmd += ["--model", a.model]
+    if a.split_cost is not None:
+        cmd += ["--split-cost", str(a.split_cost)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
@@ -396,6 +400,9 @@ def main():
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96, help="per model turn (train.py); whole completion (TRL)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="rollouts per forward/backward, both sides")
+    p.add_argument("--split-cost", type=int, default=None,
+                   help="train.py's cost of one more pass over a group's continuations, in positions "
+                        "(plumbing.SPLIT_COST; 1000000000 = one pass per group)")
     p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
                    help="bf16 only pays on a CPU with bf16 units (avx512_bf16 / AMX) or a GPU")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)

@@ -155,8 +155,8 @@ def test_a_shared_prompt_update_gives_the_same_loss_and_gradients_as_whole_rollo
         return loss, lp[mask == 1], entropy[mask == 1], {k: p.grad for k, p in model.named_parameters()}
 
     prompt = len(chat.prompt_ids(SEED_TOOL_ROW["prompt"]))
-    monkeypatch.setitem(train.SPLIT_COST, "cpu", split_cost)
-    assert train.length_runs([len(t.input_ids) - prompt for t in trajs], split_cost) == runs
+    monkeypatch.setitem(plumbing.SPLIT_COST, "cpu", split_cost)
+    assert plumbing.length_runs([len(t.input_ids) - prompt for t in trajs]) == runs
     shared, whole = loss_and_grads(True), loss_and_grads(False)
     assert len(shared[1]) == sum(sum(t.action_mask) for t in trajs)
     for a, b in zip(shared[:3], whole[:3]):
