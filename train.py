@@ -249,7 +249,7 @@ def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]]
     ids, action = (t.to(device) for t in pad_batch([s[P:] for s in seqs], [m[P:] for m in masks], pad_id)[::2])
     first_lp, first_h = _logprobs_and_entropy(out.logits[:, -1].float().expand(G, -1), ids[:, 0], entropy)
     runs = plumbing.length_runs([len(s) - P for s in seqs], device.type)
-    parts = []
+    lps, hs = [], []
     for k, rows in enumerate(runs):
         n, C = len(rows), max(len(seqs[i]) - P for i in rows)
         past = DynamicCache([(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
@@ -259,16 +259,14 @@ def group_logprobs(model, prompt_model, prompt: list[int], seqs: list[list[int]]
         lp, _, h = _shifted_logprobs(model if k == len(runs) - 1 else prompt_model, r_ids,
                                      torch.cat([r_attention.new_ones((n, P)), r_attention], 1), r_action, past,
                                      torch.arange(P, P + C, device=device).expand(n, -1), entropy)
-        pad = ids.shape[1] - C  # back to the group's width
-        parts.append((torch.nn.functional.pad(lp, (0, pad)), None if h is None else torch.nn.functional.pad(h, (0, pad))))
+        lps.append(torch.nn.functional.pad(lp, (0, ids.shape[1] - C)))  # back to the group's width
+        hs.append(None if h is None else torch.nn.functional.pad(h, (0, ids.shape[1] - C)))
     back = torch.tensor([i for rows in runs for i in rows], device=device).argsort()  # rows in the order given
-    rest_lp = torch.cat([lp for lp, _ in parts]).index_select(0, back)
     mask = action
-    logprobs = torch.cat([first_lp.unsqueeze(1), rest_lp], 1) * mask
+    logprobs = torch.cat([first_lp.unsqueeze(1), torch.cat(lps).index_select(0, back)], 1) * mask
     if not entropy:
         return logprobs, mask, None
-    rest_h = torch.cat([h for _, h in parts]).index_select(0, back)
-    return logprobs, mask, torch.cat([first_h.unsqueeze(1), rest_h], 1) * mask
+    return logprobs, mask, torch.cat([first_h.unsqueeze(1), torch.cat(hs).index_select(0, back)], 1) * mask
 
 
 # ----------------------------------------------------------------------------- checkpoints and the optimizer
