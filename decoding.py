@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -182,8 +184,6 @@ class TurnDecoder(ReferenceDecoder):
     def _admit(self, take, rows, cache, attention, last):
         """Prefill the joining turns (a kept cache extended, identical contexts once) and append them
         to the batch, everything left-padded to the longest."""
-        from transformers import DynamicCache
-
         prefilled = {}
         for key, context in take:
             if len(context) < 2:
@@ -205,13 +205,11 @@ class TurnDecoder(ReferenceDecoder):
         new_last = torch.tensor([c[-1] for _, c in take])
         rows = rows + [_Row(key, c, self.budget(c)) for key, c in take]
         last = new_last if last is None else torch.cat([last, new_last])
-        return rows, DynamicCache(layers, config=self.model.config), torch.cat(masks), last
+        return rows, roomy_cache(layers, self.model.config), torch.cat(masks), last
 
     def _prefill(self, key: int, tokens: list[int]) -> list:
         """Per-layer (keys, values), each (heads, len(tokens), head_dim); starts from the kept cache
         of `key` when it covers a prefix of `tokens`."""
-        from transformers import DynamicCache
-
         known, layers = self.kept.get(key, ([], None))
         if layers is None or tokens[:len(known)] != known:
             known, layers = [], None
@@ -236,10 +234,45 @@ class TurnDecoder(ReferenceDecoder):
         index = torch.tensor(going)
         attention, last = attention[index], last[index]
         start = int(attention.any(0).nonzero()[0])
-        from transformers import DynamicCache
-
         layers = [(k[index.to(k.device), :, start:], v[index.to(v.device), :, start:]) for k, v in kv_layers(cache)]
-        return rows, DynamicCache(layers, config=self.model.config), attention[:, start:], last
+        return rows, roomy_cache(layers, self.model.config), attention[:, start:], last
+
+
+def roomy_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config, room: int = 64) -> DynamicCache:
+    """A DynamicCache holding `layers` (per-layer keys, values, each (batch, heads, length, head_dim))
+    whose layers write each decode step's keys and values in place (`RoomyLayer`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [RoomyLayer(k, v, room) for k, v in layers]
+    return cache
+
+
+class RoomyLayer(DynamicLayer):
+    """A DynamicLayer with `room` spare positions after its keys and values. transformers'
+    DynamicLayer concatenates the whole cache at every decode step (a copy of all of it per token
+    written); this one writes the new keys and values into the spare room and returns views, and
+    makes more room (one copy) when it runs out."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.room = max(room, 1)
+        self._k, self._v = self._grown(keys, 0), self._grown(values, 0)
+        self.keys, self.values = self._k[:, :, :keys.shape[2]], self._v[:, :, :values.shape[2]]
+
+    def _grown(self, t: torch.Tensor, extra: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[2] += self.room + extra
+        buffer = t.new_empty(shape)
+        buffer[:, :, :t.shape[2]] = t
+        return buffer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        T, n = self.keys.shape[2], key_states.shape[2]
+        if T + n > self._k.shape[2]:
+            self._k, self._v = self._grown(self.keys, n), self._grown(self.values, n)
+        self._k[:, :, T:T + n], self._v[:, :, T:T + n] = key_states, value_states
+        self.keys, self.values = self._k[:, :, :T + n], self._v[:, :, :T + n]
+        return self.keys, self.values
 
 
 def kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -249,8 +282,6 @@ def kv_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def plain_kv_cache(model) -> bool:
     """Does the model keep a plain per-layer key/value cache (what TurnDecoder edits)?"""
-    from transformers.cache_utils import DynamicLayer
-
     with torch.inference_mode():
         one = torch.zeros((1, 1), dtype=torch.long, device=model.device)
         cache = model(input_ids=one, position_ids=one, use_cache=True, logits_to_keep=1).past_key_values

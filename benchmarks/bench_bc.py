@@ -70,7 +70,8 @@ def main():
                 for name, tree in trees.items():
                     r = run_bc(tree, data, a, tmp / f"out-{rep}-{len(results[name])}-{name.replace(' ', '_')}")
                     results[name].append(r)
-                    print(f"{name}: {r['seconds']:.0f} s, peak RSS {r['peak_gib']:.2f} GiB, {r['steps']} steps, "
+                    print(f"{name}: {r['seconds']:.0f} s, peak RSS {r['peak_gib']:.2f} GiB ({r['peak_gib'] * 2**30 / 1e9:.2f} GB), "
+                          f"{r['steps']} steps, "
                           f"final loss {r['final_loss']:.3f}", flush=True)
         finally:
             if a.against:
@@ -80,7 +81,7 @@ def main():
           f"{a.micro_batch_size or 8}), gradient checkpointing {a.gradient_checkpointing}, {os.cpu_count()} CPUs:")
     for name, rs in results.items():
         print(f"  {name:>12}: median {statistics.median(r['seconds'] for r in rs):.0f} s, "
-              f"peak RSS {max(r['peak_gib'] for r in rs):.2f} GiB")
+              f"peak RSS {max(r['peak_gib'] for r in rs):.2f} GiB ({max(r['peak_gib'] for r in rs) * 2**30 / 1e9:.2f} GB)")
     if a.against:
         mine, theirs = results["this tree"], results[a.against]
         print(f"  speed-up {statistics.median(r['seconds'] for r in theirs) / statistics.median(r['seconds'] for r in mine):.2f}x")

@@ -14,12 +14,15 @@ turn of a conversation whose tool result was just appended) join it every --chun
 KV cache of a conversation is reused for its next turn, and a group's shared prompt is
 prefilled once (plain generate prefills every row). --reference decodes with
 decoding.ReferenceDecoder (one plain generate per batch of queued turns) for the A/B.
-Also printed: the cost of one decode step by batch size, and the bound it puts on the efficiency.
+Also printed: the cost of one decode step by batch size, with generate's KV cache (DynamicCache,
+which concatenates the whole cache at every step) and with TurnDecoder's (written in place), and
+the bound they put on the efficiency.
 On a CPU a decode step of 1 row costs about 40% of one of 16, so a rollout is paced by its longest
 conversation: a row that calls the tool writes its turns one after the other, while plain generate
 writes the average length in every row at once. "Ideal scheduling" is the efficiency of a decoder
 that wastes nothing (every row decoded from the first step, tool results free), with each step
-costing what the table says for the rows still writing. Prints figures, asserts nothing.
+costing what TurnDecoder's table says for the rows still writing, against plain generate's steps
+at its own table. Prints figures, asserts nothing.
 """
 import argparse
 import functools
@@ -55,15 +58,18 @@ def plain_generate(model, chat, contexts, new_tokens, slots=None):
 
 
 @torch.inference_mode()
-def decode_step_ms(model, batch_sizes=(1, 4, 8, 12, 16), context=200, steps=10) -> dict[int, float]:
+def decode_step_ms(model, roomy: bool, batch_sizes=(1, 4, 8, 12, 16), context=200, steps=10) -> dict[int, float]:
     """Milliseconds per decode step (one new token per row, KV cache of `context` tokens) by batch
     size: if a step costs about the same for 8 rows as for 16, rows dropped from the batch save
-    little and the number of sequential steps sets the time."""
+    little and the number of sequential steps sets the time. `roomy`: with TurnDecoder's cache
+    (decoding.roomy_cache, written in place), else with generate's (DynamicCache, concatenated)."""
     dev = next(model.parameters()).device
     out = {}
     for b in batch_sizes:
         cache = model(input_ids=torch.randint(100, 1000, (b, context), device=dev), use_cache=True,
                       logits_to_keep=1).past_key_values
+        if roomy:
+            cache = decoding.roomy_cache(decoding.kv_layers(cache), model.config)
         token = torch.randint(100, 1000, (b, 1), device=dev)
         model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up
         t0 = time.perf_counter()
@@ -83,11 +89,12 @@ def step_cost(costs: dict[int, float], rows: int) -> float:
     return costs[lo] if hi == lo else costs[lo] + (costs[hi] - costs[lo]) * (rows - lo) / (hi - lo)
 
 
-def ideal_efficiency(lengths: list[int], per_row: int, costs: dict[int, float]) -> float:
+def ideal_efficiency(lengths: list[int], per_row: int, costs: dict[int, float], plain_costs: dict[int, float]) -> float:
     """Efficiency of a perfect scheduler: tokens written per row `lengths`, each decode step costing
-    what `costs` gives for the rows still writing, against plain generate's per_row steps of all rows."""
+    what `costs` gives for the rows still writing, against plain generate's per_row steps of all
+    rows at `plain_costs`."""
     ideal = sum(step_cost(costs, sum(n >= s for n in lengths)) for s in range(1, max(lengths) + 1))
-    plain = per_row * step_cost(costs, len(lengths))
+    plain = per_row * step_cost(plain_costs, len(lengths))
     return (sum(lengths) / ideal) / (per_row * len(lengths) / plain)
 
 
@@ -139,10 +146,13 @@ def main():
     print(f"device: {device}; {len(contexts)} rollouts, {a.slots or len(contexts)} decoded together, max_new_tokens {a.max_new_tokens}, decoder: "
           f"{'reference (plain generate per batch)' if a.reference else f'TurnDecoder, chunk {a.chunk}'}")
     model.eval()
-    costs = decode_step_ms(model)
-    print("decode step by batch size: " + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in costs.items()))
+    plain_costs = decode_step_ms(model, roomy=False)
+    costs = plain_costs if a.reference else decode_step_ms(model, roomy=True)
+    for name, table in [("generate's cache", plain_costs)] + ([] if a.reference else [("TurnDecoder's cache", costs)]):
+        print(f"decode step by batch size, {name}: " + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in table.items()))
     if not a.slots:  # the bound assumes every row decoded from the first step
-        print(f"ideal scheduling would reach: {statistics.median(ideal_efficiency(n, p, costs) for n, p in bounds_in):.3f}")
+        bound = statistics.median(ideal_efficiency(n, p, costs, plain_costs) for n, p in bounds_in)
+        print(f"ideal scheduling would reach: {bound:.3f}")
     print(f"rollout efficiency: {statistics.median(ratios):.3f}")
 
 

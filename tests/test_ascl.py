@@ -309,6 +309,32 @@ def test_continuous_batching_drops_finished_rows_and_changes_no_token(tokenizer)
     assert fast == [run(decoding.ReferenceDecoder, [c])[0] for c in contexts]
 
 
+def test_roomy_cache_writes_decode_steps_in_place_and_equals_the_dynamic_cache(tokenizer):
+    """TurnDecoder's cache writes each step's keys and values into spare room (no copy of the whole
+    cache per token), makes more room when it runs out, and gives the logits DynamicCache gives."""
+    import torch
+    from transformers import DynamicCache
+
+    model = make_tiny_model(len(tokenizer)).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, len(tokenizer), (3, 9))
+    with torch.inference_mode():
+        layers = decoding.kv_layers(model(input_ids=ids, use_cache=True).past_key_values)
+        plain = DynamicCache([(k.clone(), v.clone()) for k, v in layers], config=model.config)
+        roomy = decoding.roomy_cache([(k.clone(), v.clone()) for k, v in layers], model.config, room=3)
+        buffers = []
+        for step in range(8):
+            token = ids[:, step % 9:step % 9 + 1]
+            kw = dict(input_ids=token, position_ids=torch.full((3, 1), 9 + step), use_cache=True)
+            a, b = model(past_key_values=plain, **kw).logits, model(past_key_values=roomy, **kw).logits
+            assert torch.allclose(a, b, atol=1e-6)
+            buffers.append(roomy.layers[0]._k.data_ptr())
+            assert roomy.layers[0].keys.data_ptr() == buffers[-1]  # a view of the buffer, not a copy
+    assert [k.shape for k, _ in decoding.kv_layers(roomy)] == [k.shape for k, _ in decoding.kv_layers(plain)]
+    moved = [step for step in range(1, 8) if buffers[step] != buffers[step - 1]]
+    assert moved == [3, 7]  # room for 3 steps, then 3 + 1: grown (one copy) at steps 3 and 7 only
+
+
 def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenizer, rule_book, monkeypatch):
     """A turn after a tool call prefills only the tool turn, continuing from the conversation's KV
     cache; a group's shared prompt is prefilled once; greedy rollouts equal the reference decoder's,
