@@ -1,7 +1,8 @@
 """Rollout efficiency: tokens/s of ascl.rollout divided by tokens/s of one plain batched generate.
 
     python benchmarks/bench_rollout.py [--model M] [--prompts 8] [--group-size 2] [--max-new-tokens 64] [--slots N]
-        [--repeats 3] [--chunk 16] [--reference]
+        [--repeats 3] [--chunk 16] [--reference] [--context 200]
+    python benchmarks/bench_rollout.py --table-only 16 32 --context 250   # the decode-step tables alone
 
 Both sides get the same prompts (the bundled RL prompts, rendered with the same chat template),
 the same batch size and the same number of generated tokens: plain generate is forced to write
@@ -58,7 +59,7 @@ def plain_generate(model, chat, contexts, new_tokens, slots=None):
 
 
 @torch.inference_mode()
-def decode_step_ms(model, roomy: bool, batch_sizes=(1, 4, 8, 12, 16), context=200, steps=10) -> dict[int, float]:
+def decode_step_ms(model, roomy: bool, batch_sizes=(1, 4, 8, 12, 16), context=200, steps=20) -> dict[int, float]:
     """Milliseconds per decode step (one new token per row, KV cache of `context` tokens) by batch
     size: if a step costs about the same for 8 rows as for 16, rows dropped from the batch save
     little and the number of sequential steps sets the time. `roomy`: with TurnDecoder's cache
@@ -109,6 +110,9 @@ def main():
     p.add_argument("--reference", action="store_true", help="one plain generate per batch of queued turns")
     p.add_argument("--slots", type=int, default=None, help="rows decoded together (rollout_batch_size; plain "
                    "generate in batches of this many); default: all rollouts at once")
+    p.add_argument("--table-only", type=int, nargs="*", metavar="ROWS", default=None,
+                   help="only the decode-step tables (both caches), at these batch sizes (e.g. 16 32) and --context")
+    p.add_argument("--context", type=int, default=200, help="cached tokens per row in the decode-step tables")
     a = p.parse_args()
     ascl.DECODER = decoding.ReferenceDecoder if a.reference else functools.partial(decoding.TurnDecoder, chunk=a.chunk)
 
@@ -116,6 +120,14 @@ def main():
     model, tokenizer = plumbing.load_policy(a.model)
     if torch.cuda.is_available():
         model.cuda()
+    if a.table_only is not None:
+        sizes = tuple(a.table_only) or (1, 4, 8, 12, 16)
+        for rep in range(a.repeats):  # alternating, so both caches share the machine's state
+            for name, roomy in [("generate's cache", False), ("TurnDecoder's cache", True)]:
+                table = decode_step_ms(model.eval(), roomy, sizes, a.context)
+                print(f"round {rep + 1}, decode step, {a.context} cached tokens, {name}: "
+                      + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in table.items()), flush=True)
+        return
     chat, book = ascl.ChatFormat(tokenizer), ascl.RuleBook.from_json()
     rows = [json.loads(line) for line in open(ROOT / "data/rl_prompts.jsonl")]
     harmful = [r for r in rows if r["label"] == "harmful"][: a.prompts // 2]
@@ -146,8 +158,8 @@ def main():
     print(f"device: {device}; {len(contexts)} rollouts, {a.slots or len(contexts)} decoded together, max_new_tokens {a.max_new_tokens}, decoder: "
           f"{'reference (plain generate per batch)' if a.reference else f'TurnDecoder, chunk {a.chunk}'}")
     model.eval()
-    plain_costs = decode_step_ms(model, roomy=False)
-    costs = plain_costs if a.reference else decode_step_ms(model, roomy=True)
+    plain_costs = decode_step_ms(model, roomy=False, context=a.context)
+    costs = plain_costs if a.reference else decode_step_ms(model, roomy=True, context=a.context)
     for name, table in [("generate's cache", plain_costs)] + ([] if a.reference else [("TurnDecoder's cache", costs)]):
         print(f"decode step by batch size, {name}: " + ", ".join(f"{b} rows {ms:.0f} ms" for b, ms in table.items()))
     if not a.slots:  # the bound assumes every row decoded from the first step
