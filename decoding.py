@@ -250,7 +250,7 @@ class RoomyLayer(DynamicLayer):
     """A DynamicLayer with `room` spare positions after its keys and values. transformers'
     DynamicLayer concatenates the whole cache at every decode step (a copy of all of it per token
     written); this one writes the new keys and values into the spare room and returns views, and
-    makes more room (one copy) when it runs out."""
+    makes more room (one copy) when it runs out, or when its keys were replaced by other code."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
         super().__init__()
@@ -268,7 +268,8 @@ class RoomyLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         T, n = self.keys.shape[2], key_states.shape[2]
-        if T + n > self._k.shape[2]:
+        moved = self.keys.data_ptr() != self._k.data_ptr() or self.keys.shape[0] != self._k.shape[0]
+        if moved or T + n > self._k.shape[2]:  # no room, or keys replaced (e.g. batch_select_indices)
             self._k, self._v = self._grown(self.keys, n), self._grown(self.values, n)
         self._k[:, :, T:T + n], self._v[:, :, T:T + n] = key_states, value_states
         self.keys, self.values = self._k[:, :, :T + n], self._v[:, :, :T + n]

@@ -333,6 +333,12 @@ def test_roomy_cache_writes_decode_steps_in_place_and_equals_the_dynamic_cache(t
     assert [k.shape for k, _ in decoding.kv_layers(roomy)] == [k.shape for k, _ in decoding.kv_layers(plain)]
     moved = [step for step in range(1, 8) if buffers[step] != buffers[step - 1]]
     assert moved == [3, 7]  # room for 3 steps, then 3 + 1: grown (one copy) at steps 3 and 7 only
+    with torch.inference_mode():  # generate's own cache edits (here: keep rows 0 and 2) still work
+        for cache in (plain, roomy):
+            cache.batch_select_indices(torch.tensor([0, 2]))
+        kw = dict(input_ids=ids[[0, 2], :1], position_ids=torch.full((2, 1), 17), use_cache=True)
+        assert torch.allclose(model(past_key_values=plain, **kw).logits, model(past_key_values=roomy, **kw).logits,
+                              atol=1e-6)
 
 
 def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenizer, rule_book, monkeypatch):
