@@ -106,9 +106,7 @@ class RuleBook:
         """The tool itself: ranked rules with a similarity percentage. top_k is clamped to 1..20."""
         top_k = max(1, min(MAX_TOP_K, int(top_k)))
         hits = self.search(query, top_k)
-        return "\n\n".join(
-            f"Result {i}\nSimilarity: {100 * s:.1f}%\nContent: {r.text}" for i, (s, r) in enumerate(hits, 1)
-        )
+        return "\n\n".join(f"Result {i}\nSimilarity: {100 * s:.1f}%\nContent: {r.text}" for i, (s, r) in enumerate(hits, 1))
 
 
 TOOL_SCHEMA = {
@@ -181,9 +179,8 @@ class ChatFormat:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         kwargs = {"tools": [TOOL_SCHEMA]} if self.native_tools else {}
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **kwargs)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -215,9 +212,7 @@ class ChatFormat:
         text = self.render(before + self.tool_messages(results), add_generation_prompt=True)
         after = text[text.rindex(self._PLACEHOLDER) + len(self._PLACEHOLDER):]
         if not after.startswith(self.end_of_turn):
-            raise ValueError(
-                f"the chat template does not close an assistant turn with the eos token {self.end_of_turn!r}"
-            )
+            raise ValueError(f"the chat template does not close an assistant turn with the eos token {self.end_of_turn!r}")
         return self.encode(after[len(self.end_of_turn):])
 
     def encode_conversation(self, prompt: str, turns: list[str], tool_results: list[list[str]]):

@@ -5,6 +5,7 @@ ascl.py holds the method; train.py and eval.py use this for everything around it
   load_tokenizer, load_model, load_policy                   hub id, local folder or .gguf file
   save_checkpoint, latest_checkpoint, restore_rng, ...      atomic, resumable checkpoints
   return_freed_memory                                       host memory that does not creep up
+  HeadLogprobs, length_runs                                 the output layer in chunks; passes by length
 """
 from __future__ import annotations
 
@@ -70,6 +71,80 @@ def length_runs(lengths: list[int], device_type: str = "cpu", split_cost: int | 
         runs.append(order[start[j]:j])
         j = start[j]
     return runs
+
+
+# ----------------------------------------------------------------------------- the output layer in chunks
+# float32 logits per chunk: 170 positions of SmolLM2's 49k vocabulary
+HEAD_CHUNK_BYTES = 32 << 20
+# model types whose causal-LM forward returns its output layer's logits unchanged (no soft-capping or
+# scaling after it: read in transformers' modeling files); other models keep their own head code
+PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
+                     "gemma", "olmo2"}
+
+
+def head_is_plain(model) -> bool:
+    """Whether the model's logits are just its output layer's output, a torch.nn.Linear."""
+    return (getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
+            and type(model.get_output_embeddings()) is torch.nn.Linear)
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """log p(target) and the entropy of p (no gradient) of hidden states (N, d) through a linear
+    output layer, a chunk of positions at a time, in the forward and again in the backward.
+
+    The plain way (logits = head(hidden); log_softmax; gather) keeps the (N, V) logits for the
+    backward and makes two or three more (N, V) tensors in it: about 200 KB per trained token each
+    for a 49k vocabulary in float32, most of BC's memory above weights and optimizer state. Here at
+    most a chunk's logits exist at once; the price is the output layer's matmul run once more in the
+    backward. The same values and gradients as the plain way (tests/test_train.py). Autocast: the
+    backward recomputes under the forward's autocast state.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, entropy: bool):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        chunk = max(1, HEAD_CHUNK_BYTES // (4 * weight.shape[0]))
+        picked, lses, hs = [], [], []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = torch.nn.functional.linear(hidden[start:start + chunk], weight, bias).float()
+            lse = logits.logsumexp(-1)
+            lses.append(lse)
+            picked.append(logits.gather(1, targets[start:start + chunk, None]).squeeze(1) - lse)
+            if entropy:
+                hs.append(lse - (logits.softmax(-1) * logits).sum(-1))
+        lse = torch.cat(lses) if lses else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        h = torch.cat(hs) if hs else None
+        if h is not None:
+            ctx.mark_non_differentiable(h)
+        return torch.cat(picked) if picked else lse.clone(), h
+
+    @staticmethod
+    def backward(ctx, grad_picked, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        device, dtype, enabled = ctx.autocast
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            h, g = hidden[start:end], grad_picked[start:end, None].float()
+            with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's logits again
+                logits = torch.nn.functional.linear(h, weight, bias).float()
+            # d log p(t) / d logits = onehot(t) - softmax(logits); the matmuls below in the weights' dtype
+            grad_logits = (logits - lse[start:end, None]).exp_().mul_(-g).scatter_add_(1, targets[start:end, None], g)
+            del logits
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_h:
+                grad_h[start:end] = grad_logits @ weight
+            if need_w:
+                grad_w.addmm_(grad_logits.T, h.to(weight.dtype))
+            if need_b:
+                grad_b += grad_logits.sum(0)
+        return grad_h, grad_w, grad_b, None, None
 
 
 # ----------------------------------------------------------------------------- data files and rows

@@ -174,19 +174,25 @@ def _shifted_logprobs(model, ids, attention, action, past=None, positions=None, 
 
     The output layer runs on the trained positions only: a pre-hook on it keeps, of the
     positions some row trains (logits_to_keep), just each row's own, so no full-vocabulary
-    logits are made for prompt, tool or padding tokens (and soft-capping models stay exact).
+    logits are made for prompt, tool or padding tokens. A model that returns its output layer's
+    logits unchanged (plumbing.head_is_plain) gets nothing through it: plumbing.HeadLogprobs runs
+    the layer in chunks of positions instead, so the (N, V) logits never exist whole in memory.
     """
     mask = action[:, 1:]
     keep = mask.any(dim=0).nonzero().squeeze(1)  # (P,) positions predicting a trained token
     rows, cols = mask.index_select(1, keep).nonzero(as_tuple=True)  # (N,) each trained token: row, kept position
-    head = getattr(model, "module", model).get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda module, inputs: (inputs[0][rows, cols].unsqueeze(0),))
+    inner, hidden = getattr(model, "module", model), []
+    head, plain = inner.get_output_embeddings(), plumbing.head_is_plain(inner)
+    hook = head.register_forward_pre_hook(  # each row's trained positions; for a plain head, none
+        lambda module, inputs: (hidden.append(inputs[0][rows, cols]) or hidden[0][:0 if plain else None][None],))
     try:
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=past,
-                       use_cache=past is not None, logits_to_keep=keep).logits[0].float()  # (N, V)
+                       use_cache=past is not None, logits_to_keep=keep).logits[0].float()  # (N, V), or (0, V)
     finally:
         hook.remove()
-    picked, h = _logprobs_and_entropy(logits, ids[:, 1:].index_select(1, keep)[rows, cols], entropy)
+    targets = ids[:, 1:].index_select(1, keep)[rows, cols]
+    picked, h = plumbing.HeadLogprobs.apply(hidden[0], head.weight, head.bias, targets, entropy) if plain else \
+        _logprobs_and_entropy(logits, targets, entropy)
     where = (rows, keep[cols])
     logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(where, picked)
     return logprobs, mask, None if h is None else torch.zeros_like(logprobs).index_put(where, h)

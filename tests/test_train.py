@@ -109,6 +109,42 @@ def test_token_logprobs_match_a_plain_full_forward(tiny_model):
     assert torch.allclose(lp[mask == 1], ref[mask == 1], atol=1e-5) and torch.all(lp[mask == 0] == 0)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_chunked_output_layer_gives_the_plain_values_and_gradients(monkeypatch, bias):
+    monkeypatch.setattr(plumbing, "HEAD_CHUNK_BYTES", 4 * 50 * 3)  # chunks of 3 positions: 7 = 3 + 3 + 1
+    torch.manual_seed(0)
+    hidden, head = torch.randn(7, 16, requires_grad=True), torch.nn.Linear(16, 50, bias=bias)
+    targets, upstream = torch.randint(0, 50, (7,)), torch.randn(7)
+    inputs = [hidden, head.weight] + ([head.bias] if bias else [])
+    lp, h = plumbing.HeadLogprobs.apply(hidden, head.weight, head.bias, targets, True)
+    mine = torch.autograd.grad((lp * upstream).sum(), inputs)
+    ref_lp, ref_h = train._logprobs_and_entropy(head(hidden), targets)
+    ref = torch.autograd.grad((ref_lp * upstream).sum(), inputs)
+    assert torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(h, ref_h, atol=1e-5) and not h.requires_grad
+    for a, b in zip(mine, ref):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_head_the_model_changes_after_it_keeps_the_models_own_code(tiny_model, monkeypatch):
+    """The chunked output layer and the model's own head code give the same log-probs and gradients;
+    a model type not known to return its head's logits unchanged takes the model's own code."""
+    ids, attention = torch.randint(0, 1000, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    action = torch.tensor([[0] * 4 + [1] * 5, [0] * 3 + [1] * 3 + [0] * 3])
+    results = {}
+    for plain in (True, False):
+        monkeypatch.setattr(plumbing, "PLAIN_HEAD_MODELS", {"llama"} if plain else set())
+        calls = []
+        monkeypatch.setattr(plumbing.HeadLogprobs, "apply", lambda *a, f=plumbing.HeadLogprobs.apply: calls.append(1) or f(*a))
+        tiny_model.zero_grad()
+        lp, mask, h = train._shifted_logprobs(tiny_model, ids, attention, action)
+        lp.sum().backward()
+        results[plain] = lp, h, [p.grad.clone() for p in tiny_model.parameters()]
+        assert bool(calls) == plain
+    assert tiny_model.config.model_type == "llama" and torch.allclose(results[True][0], results[False][0], atol=1e-5)
+    assert torch.allclose(results[True][1], results[False][1], atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[True][2], results[False][2]))
+
+
 def make_trajectories(chat, rule_book):
     turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
     direct, _ = sources.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
