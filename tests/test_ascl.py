@@ -2,6 +2,7 @@
 import itertools
 import json
 import re
+import os
 from collections import Counter
 
 import pytest
@@ -307,6 +308,31 @@ def test_continuous_batching_drops_finished_rows_and_changes_no_token(tokenizer)
     assert 4 in steps and min(steps) < 4  # queued turns joined a full batch; finished rows left it
     assert fast == run(decoding.ReferenceDecoder, contexts)
     assert fast == [run(decoding.ReferenceDecoder, [c])[0] for c in contexts]
+
+
+def test_the_prefix_new_contexts_share_is_prefilled_once(tokenizer):
+    """Distinct prompts share the system prompt: TurnDecoder prefills it once and each prompt's own
+    tokens on top of it, and writes the same greedy tokens as the reference decoder."""
+    chat = ChatFormat(tokenizer)
+    model = make_tiny_model(len(tokenizer))
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                    with_kwargs=True)
+    contexts = [chat.prompt_ids(p) for p in ["Hi", "Tell me about locks", "What is 2+2?", "Hi"]]
+    shared = len(os.path.commonprefix(contexts))
+    assert shared >= 16 and all(len(c) - 1 > shared for c in contexts)
+
+    def run(decoder):
+        d = decoder(model, chat.end_of_turn_id, chat.pad_id, decoding.Sampling(8, 4096, do_sample=False))
+        for i, c in enumerate(contexts):
+            d.add(i, c)
+        return [new for _, new in sorted(d.turns())]
+
+    shapes.clear()
+    fast = run(decoding.TurnDecoder)
+    prefilled = [n for rows, n in shapes if rows == 1 and n > 1]  # decode steps feed one token a row
+    assert sum(prefilled) == shared + sum(len(c) - 1 - shared for c in contexts[:3])  # "Hi" twice: once
+    assert fast == run(decoding.ReferenceDecoder)
 
 
 def test_roomy_cache_writes_decode_steps_in_place_and_equals_the_dynamic_cache(tokenizer):
