@@ -7,17 +7,19 @@
 Both sides get the same prompts (the bundled RL prompts, rendered with the same chat template),
 the same batch size and the same number of generated tokens: plain generate is forced to write
 exactly as many tokens per row as the rollout wrote on average (min_new_tokens = max_new_tokens).
-The two are run alternately; the median of the ratios is reported. 1.0 is the limit. What the
+The two are run alternately; the median of the ratios is reported; 1.0 is parity. What the
 rollout pays on top: a rollout that calls the tool writes its turns one after the other (turn 2
 needs the tool's answer to turn 1), and the tool's answer has to be prefilled. What
 decoding.TurnDecoder does about it: finished rows leave the batch and queued turns (the next
 turn of a conversation whose tool result was just appended) join it every --chunk steps, the
-KV cache of a conversation is reused for its next turn, and a group's shared prompt is
-prefilled once (plain generate prefills every row). --reference decodes with
+KV cache of a conversation is reused for its next turn, a group's shared prompt is prefilled
+once, and so is the system prompt all prompts start with (plain generate prefills every row). --reference decodes with
 decoding.ReferenceDecoder (one plain generate per batch of queued turns) for the A/B.
-Also printed: the cost of one decode step by batch size, with generate's KV cache (DynamicCache,
-which concatenates the whole cache at every step) and with TurnDecoder's (written in place), and
-the bound they put on the efficiency.
+Also printed: where the rollout's time went (TurnDecoder's decode steps, prefills, rows leaving
+the batch; the rest is joining rows to the cache, the tool and the Python around them), the cost
+of one decode step by batch size, with generate's KV cache (DynamicCache, which concatenates the
+whole cache at every step) and with TurnDecoder's (written in place), and the bound they put on
+the efficiency.
 On a CPU a decode step of 1 row costs about 40% of one of 16, so a rollout is paced by its longest
 conversation: a row that calls the tool writes its turns one after the other, while plain generate
 writes the average length in every row at once. "Ideal scheduling" is the efficiency of a decoder
@@ -82,6 +84,27 @@ def decode_step_ms(model, roomy: bool, batch_sizes=(1, 4, 8, 12, 16), context=20
     return out
 
 
+SPLIT = {"_step": "decode steps", "_prefill": "prefill", "_keep": "rows leaving"}
+
+
+def time_decoder_parts() -> dict[str, list[float]]:
+    """Wrap TurnDecoder's decode step, prefill and batch compaction with timers: per part, [seconds,
+    calls], reset by the caller each round (what the rollout's time goes to)."""
+    parts = {name: [0.0, 0] for name in SPLIT}
+    for name in SPLIT:
+        method = getattr(decoding.TurnDecoder, name)
+
+        def timed(self, *args, _method=method, _name=name, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _method(self, *args, **kwargs)
+            finally:
+                parts[_name][0] += time.perf_counter() - t0
+                parts[_name][1] += 1
+        setattr(decoding.TurnDecoder, name, timed)
+    return parts
+
+
 def step_cost(costs: dict[int, float], rows: int) -> float:
     """Milliseconds of a decode step of `rows` rows, interpolated in the measured table."""
     sizes = sorted(costs)
@@ -136,7 +159,10 @@ def main():
     contexts = [chat.prompt_ids(q) for q in prompts for _ in range(a.group_size)]
 
     ratios, bounds_in = [], []
+    parts = None if a.reference else time_decoder_parts()
     for rep in range(a.repeats + 1):  # the first round warms up and is not counted
+        for part in (parts or {}).values():
+            part[:] = [0.0, 0]
         t0 = time.perf_counter()
         trajs = ascl.rollout(model, chat, book, prompts, labels, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                              batch_size=a.slots)
@@ -151,6 +177,9 @@ def main():
         print(f"round {rep}{' (warm-up)' if rep == 0 else ''}: rollout {n_roll} tokens in {t_roll:.2f}s "
               f"({n_roll / t_roll:.1f} tok/s, tool-call rate {tool:.2f}); plain generate {n_plain} tokens in "
               f"{t_plain:.2f}s ({n_plain / t_plain:.1f} tok/s); ratio {ratio:.3f}", flush=True)
+        if parts:
+            print("  rollout time: " + ", ".join(f"{SPLIT[k]} {v[0]:.2f}s ({v[1]} calls)" for k, v in parts.items())
+                  + f", the rest {t_roll - sum(v[0] for v in parts.values()):.2f}s", flush=True)
         if rep:
             ratios.append(ratio)
             bounds_in.append(([sum(t.action_mask) for t in trajs], per_row))
