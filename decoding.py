@@ -22,6 +22,7 @@ batch of finished turns is handed out (at most one batch).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -217,13 +218,10 @@ class TurnDecoder(ReferenceDecoder):
         distinct = list({tuple(c): c for c in contexts}.values())
         if len(distinct) < 2:
             return
-        n = 0
-        while n < min(len(c) for c in distinct) and all(c[n] == distinct[0][n] for c in distinct):
-            n += 1
-        # below 16 tokens, a prefix is not worth a forward of its own
-        if n >= 16 and (n > len(self.shared[0]) or distinct[0][:len(self.shared[0])] != self.shared[0]):
-            self.shared = ([], None)
-            self.shared = (distinct[0][:n], self._prefill(None, distinct[0][:n]))
+        prefix = os.path.commonprefix(distinct)  # a list: commonprefix compares item by item
+        # below 16 tokens, a prefix is not worth a forward of its own; _prefill starts from the old one if it fits
+        if len(prefix) >= 16 and (len(prefix) > len(self.shared[0]) or prefix[:len(self.shared[0])] != self.shared[0]):
+            self.shared = (prefix, self._prefill(None, prefix))
 
     def _prefill(self, key: int | None, tokens: list[int]) -> list:
         """Per-layer (keys, values), each (heads, len(tokens), head_dim); starts from the kept cache
