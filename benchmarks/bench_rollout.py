@@ -157,6 +157,8 @@ def main():
     rows = harmful + [r for r in rows if r["label"] != "harmful"][: a.prompts - len(harmful)]
     prompts, labels = [r["prompt"] for r in rows], [r["label"] for r in rows]
     contexts = [chat.prompt_ids(q) for q in prompts for _ in range(a.group_size)]
+    print(f"prompts: {sum(map(len, contexts)) / len(contexts):.0f} tokens on average, of which the first "
+          f"{len(os.path.commonprefix(contexts))} are the same in every prompt (TurnDecoder prefills those once)")
 
     ratios, bounds_in = [], []
     parts = None if a.reference else time_decoder_parts()
