@@ -9,16 +9,16 @@ Not the method, only how its turns get decoded fast. Both decoders have one inte
 `ReferenceDecoder` is the plain way (one left-padded `generate` per batch of queued turns);
 the tests hold `TurnDecoder` to it token for token under greedy decoding. `TurnDecoder` is
 what a rollout with tool calls needs to stay close to plain `generate`:
-- continuous batching: a row whose turn ended leaves the batch, and a queued turn (a new
-  conversation, or one whose tool result was just appended) takes its place, every `chunk`
-  steps, instead of waiting for the whole round;
-- no second prefill: a conversation continued right after its turn ended (a tool call)
-  reuses its KV cache, so only the tool turn is prefilled; identical contexts (the rollouts
+- continuous batching: each row has a slot in one KV cache; between any two decode steps a
+  row whose turn ended frees its slot and a queued turn (a new conversation) takes it,
+  instead of waiting for the whole round;
+- no second prefill: a conversation continued right after its turn ended (a tool call) goes
+  on in its own slot, from its KV cache there, so only the tool turn is prefilled; identical contexts (the rollouts
   of a group share their prompt) are prefilled once, and so is the prefix that new contexts
   share (the system prompt: each prompt's own tokens are prefilled on top of it);
 - each row stops at its own budget: min(max_new_tokens, max_total_tokens - len(context)).
-Memory: the caches of the batch, plus those kept for the conversations re-queued while a
-batch of finished turns is handed out (at most one batch).
+Memory: the cache of the batch (a conversation continued goes on in its own slot), and the
+shared prefix.
 """
 from __future__ import annotations
 
@@ -106,26 +106,32 @@ def cut(new: list[int], budget: int, end_of_turn_id: int) -> list[int]:
 @dataclass
 class _Row:
     key: int
-    context: list[int]  # the cache holds context + new[:-1]; the next input is the last of these
+    context: list[int]
     budget: int
     new: list[int] = field(default_factory=list)
-    done: bool = False
+    done: bool = False  # its turn ended; its slot keeps the cache while the caller decides
+
+    @property
+    def tokens(self) -> list[int]:  # the slot caches all but the last, which is the next input
+        return self.context + self.new
 
 
 class TurnDecoder(ReferenceDecoder):
-    """Continuous batching over one left-padded KV cache, `chunk` decode steps between changes.
+    """Continuous batching over one KV cache with a slot per row; rows join between any two decode steps.
 
-    The cache holds, per row, [pad | context + the tokens written so far, but the last]; the
-    last is the next input, at position = the number of real tokens before it. Models whose
-    cache is not a plain per-layer key/value list (sliding windows, linear attention) are
-    decoded by the reference path.
+    A slot holds [pad | its row's tokens but the last], right-aligned; the last is the next input,
+    at position = the number of real tokens before it. A free slot holds stale values the attention
+    mask hides until a joining row overwrites it; free slots are dropped every `chunk` steps when
+    nothing waits for them. Models whose cache is not a plain per-layer key/value list (sliding
+    windows, linear attention) are decoded by the reference path.
     """
 
     def __init__(self, model, end_of_turn_id: int, pad_id: int, sampling: Sampling, chunk: int = 16):
         super().__init__(model, end_of_turn_id, pad_id, sampling)
         self.chunk = chunk
-        self.kept: dict[int, tuple[list[int], list]] = {}  # key -> (tokens, per-layer (k, v)) of a turn just ended
         self.shared: tuple[list[int], list] = ([], None)  # a prefix new contexts share (system prompt), prefilled
+        self.rows: list[_Row | None] = []  # one per slot of the cache; None: a free slot
+        self.cache, self.mask, self.last = None, None, None  # DynamicCache, (slots, T) attention, (slots,) next inputs
 
     def turns(self):
         if not plain_kv_cache(self.model):
@@ -136,80 +142,82 @@ class TurnDecoder(ReferenceDecoder):
         try:
             yield from self._turns()
         finally:
+            self.rows, self.cache, self.mask, self.last = [], None, None, None
             self.model.train(was_training)
 
     def _turns(self):
-        rows, cache, attention, last = [], None, None, None
-        room = self.s.batch_size or len(self.queue)
-        while self.queue or rows:
-            if self.queue and len(rows) < room:  # join: conversations that just ended a turn first
-                self.queue.sort(key=lambda item: item[0] not in self.kept)
-                take, self.queue = self.queue[:room - len(rows)], self.queue[room - len(rows):]
-                for key, context in take:
-                    if self.budget(context) <= 0:
-                        yield key, []  # no room for one token
-                take = [(k, c) for k, c in take if self.budget(c) > 0]
-                if take:
-                    rows, cache, attention, last = self._admit(take, rows, cache, attention, last)
-                self.kept.clear()
-                if not rows:
-                    continue
-            for _ in range(self.chunk):
-                tokens = self._step(cache, attention, last)
-                attention = torch.cat([attention, attention.new_ones((len(rows), 1))], 1)
-                for r, tok in zip(rows, tokens.tolist()):
-                    if not r.done:
-                        r.new.append(tok)
-                        r.done = tok == self.eot or len(r.new) >= r.budget
-                last = tokens
-                if all(r.done for r in rows):
-                    break
-            going = [j for j, r in enumerate(rows) if not r.done]
-            for j, r in enumerate(rows):
-                if r.done:  # keep its cache while the caller decides whether the conversation goes on
-                    n = len(r.context) + len(r.new) - 1
-                    cols = attention[j].nonzero().squeeze(1)[:n].to(cache.layers[0].keys.device)
-                    self.kept[r.key] = (r.context + r.new[:-1], [(k[j][:, cols], v[j][:, cols]) for k, v in kv_layers(cache)])
-                    yield r.key, r.new
-            rows, cache, attention, last = self._keep(rows, going, cache, attention, last)
+        room, steps = self.s.batch_size or len(self.queue), 0
+        while self.queue or any(self.rows):
+            yield from self._fill(room)
+            if not any(self.rows):
+                continue
+            tokens = self._step().tolist()
+            steps += 1
+            ended = []
+            for r, token in zip(self.rows, tokens):
+                if r is not None:
+                    r.new.append(token)
+                    if token == self.eot or len(r.new) >= r.budget:
+                        r.done = True
+                        ended.append(r)
+            for r in ended:
+                yield r.key, r.new  # the caller may add(key, longer context) right here: it goes on in this slot
+            going_on = {key for key, _ in self.queue}
+            self.rows = [None if r is not None and r.done and r.key not in going_on else r for r in self.rows]
+            if steps % self.chunk == 0 and not self.queue:
+                self._compact()
 
     @torch.inference_mode()
-    def _step(self, cache, attention, last) -> torch.Tensor:
-        """One decode step for every row: feed `last`, return the next token per row."""
+    def _step(self) -> torch.Tensor:
+        """One decode step for every slot: feed `last`, return the next token per slot."""
         device = self.model.device
-        positions = attention.sum(1, keepdim=True)  # real tokens before this one
-        logits = self.model(input_ids=last.unsqueeze(1).to(device),
-                            attention_mask=torch.cat([attention, attention.new_ones((len(last), 1))], 1).to(device),
-                            position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits[:, -1]
-        return sample(logits.float(), self.s).cpu()
+        positions = self.mask.sum(1, keepdim=True)  # real tokens before this one
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], 1)
+        logits = self.model(input_ids=self.last.unsqueeze(1).to(device), attention_mask=self.mask.to(device),
+                            position_ids=positions.to(device), past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.last = sample(logits.float(), self.s).cpu()
+        return self.last
 
     @torch.inference_mode()
-    def _admit(self, take, rows, cache, attention, last):
-        """Prefill the joining turns (a kept cache extended, identical contexts once) and append them
-        to the batch, everything left-padded to the longest."""
-        prefilled = {}
-        if any(len(context) < 2 for _, context in take):
+    def _fill(self, room: int):
+        """Queued turns join: a conversation whose turn just ended goes on in its own slot (only its new
+        tokens prefilled, on top of the slot's cache); new contexts take free slots, identical ones
+        prefilled once, each on top of the prefix new contexts share. A turn with no budget comes back empty."""
+        queue, self.queue = self.queue, []
+        if any(len(context) < 2 for _, context in queue):
             raise ValueError("TurnDecoder needs contexts of at least 2 tokens")
-        self._share_prefix([context[:-1] for key, context in take if key not in self.kept])
-        for key, context in take:
+        parked = {r.key: j for j, r in enumerate(self.rows) if r is not None and r.done}
+        going_on, new, empty = [], [], []
+        for key, context in queue:
+            j = parked.pop(key, None)
+            if j is not None and self.budget(context) > 0 and context[:len(self.rows[j].tokens)] == self.rows[j].tokens:
+                going_on.append((j, key, context))
+                continue
+            if j is not None:  # re-queued with no budget, or with a context that does not extend its row's
+                self.rows[j] = None
+            (new if self.budget(context) > 0 else empty).append((key, context))
+        for key, _ in empty:
+            yield key, []  # no room for one token
+        free = [j for j, r in enumerate(self.rows) if r is None] + list(range(len(self.rows), room))
+        new, self.queue = new[:len(free)], new[len(free):] + self.queue
+        self._share_prefix([context[:-1] for _, context in new])
+        joining, prefilled = [], {}
+        for j, key, context in going_on:
+            n = len(self.rows[j].tokens) - 1
+            slot = [(k[j, :, k.shape[2] - n:], v[j, :, v.shape[2] - n:]) for k, v in kv_layers(self.cache)]
+            joining.append((j, key, context, self._prefill(context[:-1], (context[:n], slot))))
+        for j, (key, context) in zip(free, new):
             if tuple(context) not in prefilled:
-                prefilled[tuple(context)] = self._prefill(key, context[:-1])
-        joining = [prefilled[tuple(c)] for _, c in take]
-        old = [] if cache is None else kv_layers(cache)
-        T = max([0 if attention is None else attention.shape[1]] + [j[0][0].shape[1] for j in joining])
-        layers = []
-        for layer in range(len(joining[0])):
-            k = [_pad_left(old[layer][0], T, 2)] if old else []
-            v = [_pad_left(old[layer][1], T, 2)] if old else []
-            k += [_pad_left(j[layer][0].unsqueeze(0), T, 2) for j in joining]
-            v += [_pad_left(j[layer][1].unsqueeze(0), T, 2) for j in joining]
-            layers.append((torch.cat(k), torch.cat(v)))
-        masks = [] if attention is None else [_pad_left(attention, T, 1)]
-        masks += [_pad_left(torch.ones((1, j[0][0].shape[1]), dtype=torch.long), T, 1) for j in joining]
-        new_last = torch.tensor([c[-1] for _, c in take])
-        rows = rows + [_Row(key, c, self.budget(c)) for key, c in take]
-        last = new_last if last is None else torch.cat([last, new_last])
-        return rows, roomy_cache(layers, self.model.config), torch.cat(masks), last
+                prefilled[tuple(context)] = self._prefill(context[:-1])
+            joining.append((j, key, context, prefilled[tuple(context)]))
+        if joining:
+            self._resize(max([len(self.rows)] + [j + 1 for j, *_ in joining]),
+                         max([0 if self.mask is None else self.mask.shape[1]] + [len(c) - 1 for _, _, c, _ in joining]),
+                         joining[0][3])
+            for j, key, context, layers in joining:
+                self._place(j, layers)
+                self.rows[j] = _Row(key, context, self.budget(context))
+                self.last[j] = context[-1]
 
     def _share_prefix(self, contexts: list[list[int]]):
         """Prefill once the prefix that distinct new contexts share, if longer than the one kept:
@@ -221,13 +229,13 @@ class TurnDecoder(ReferenceDecoder):
         prefix = os.path.commonprefix(distinct)  # a list: commonprefix compares item by item
         # below 16 tokens, a prefix is not worth a forward of its own; _prefill starts from the old one if it fits
         if len(prefix) >= 16 and (len(prefix) > len(self.shared[0]) or prefix[:len(self.shared[0])] != self.shared[0]):
-            self.shared = (prefix, self._prefill(None, prefix))
+            self.shared = (prefix, self._prefill(prefix))
 
-    def _prefill(self, key: int | None, tokens: list[int]) -> list:
-        """Per-layer (keys, values), each (heads, len(tokens), head_dim); starts from the kept cache
-        of `key` or the shared prefix, whichever covers more of `tokens`."""
+    def _prefill(self, tokens: list[int], start: tuple[list[int], list] = ([], None)) -> list:
+        """Per-layer (keys, values), each (heads, len(tokens), head_dim); starts from `start` (tokens,
+        their per-layer cache: a slot's) or the shared prefix, whichever covers more of `tokens`."""
         known, layers = [], None
-        for start_tokens, start_layers in (self.kept.get(key, ([], None)), self.shared):
+        for start_tokens, start_layers in (start, self.shared):
             if start_layers is not None and len(start_tokens) > len(known) and tokens[:len(start_tokens)] == start_tokens:
                 known, layers = start_tokens, start_layers
         rest = tokens[len(known):]
@@ -241,25 +249,56 @@ class TurnDecoder(ReferenceDecoder):
                          past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
         return [(k[0], v[0]) for k, v in kv_layers(out)]
 
-    def _keep(self, rows, going, cache, attention, last):
-        """Drop finished rows, then the left columns that are padding in every remaining row."""
-        if len(going) == len(rows):
-            return rows, cache, attention, last
-        rows = [rows[j] for j in going]
-        if not rows:
-            return [], None, None, None
-        index = torch.tensor(going)
-        attention, last = attention[index], last[index]
-        start = int(attention.any(0).nonzero()[0])
-        layers = [(k[index.to(k.device), :, start:], v[index.to(v.device), :, start:]) for k, v in kv_layers(cache)]
-        return rows, roomy_cache(layers, self.model.config), attention[:, start:], last
+    def _resize(self, slots: int, width: int, like: list):
+        """Make the cache `slots` rows by `width` columns (one copy, only if it grows): old slots keep
+        their rows, right-aligned; what is new is zeros, masked. `like`: a row's per-layer cache."""
+        rows, T = (0, 0) if self.mask is None else self.mask.shape
+        if slots == rows and width == T:
+            return
+        if self.cache is None:
+            layers = [(k.new_zeros((slots, k.shape[0], width, k.shape[2])),
+                       v.new_zeros((slots, v.shape[0], width, v.shape[2]))) for k, v in like]
+            self.cache = roomy_cache(layers, self.model.config)
+            self.mask, self.last = torch.zeros((slots, width), dtype=torch.long), torch.zeros(slots, dtype=torch.long)
+            self.rows = [None] * slots
+            return
+        self.cache = roomy_cache(kv_layers(self.cache), self.model.config, slots=slots, left=width - T)
+        mask = self.mask.new_zeros((slots, width))
+        mask[:rows, width - T:] = self.mask
+        self.mask, self.last = mask, torch.cat([self.last, self.last.new_zeros(slots - rows)])
+        self.rows += [None] * (slots - rows)
+
+    def _place(self, j: int, layers: list):
+        """Write a row's per-layer cache, each (heads, L, head_dim), right-aligned into slot j."""
+        for (keys, values), (k, v) in zip(kv_layers(self.cache), layers):
+            if k.data_ptr() != keys[j, :, keys.shape[2] - k.shape[1]:].data_ptr():  # not already there
+                keys[j, :, keys.shape[2] - k.shape[1]:], values[j, :, values.shape[2] - v.shape[1]:] = k, v
+        self.mask[j] = 0
+        self.mask[j, self.mask.shape[1] - layers[0][0].shape[1]:] = 1
+
+    def _compact(self):
+        """Drop free slots, then the left columns that are padding in every slot left (one copy)."""
+        keep = [j for j, r in enumerate(self.rows) if r is not None]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.last = [], None, None, None
+            return
+        index = torch.tensor(keep)
+        mask = self.mask[index]
+        start = int(mask.any(0).nonzero()[0])
+        layers = [(k[index.to(k.device), :, start:], v[index.to(v.device), :, start:]) for k, v in kv_layers(self.cache)]
+        self.rows, self.cache = [self.rows[j] for j in keep], roomy_cache(layers, self.model.config)
+        self.mask, self.last = mask[:, start:], self.last[index]
 
 
-def roomy_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config, room: int = 64) -> DynamicCache:
+def roomy_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config, room: int = 64, slots: int | None = None,
+                left: int = 0) -> DynamicCache:
     """A DynamicCache holding `layers` (per-layer keys, values, each (batch, heads, length, head_dim))
-    whose layers write each decode step's keys and values in place (`RoomyLayer`)."""
+    whose layers write each decode step's keys and values in place (`RoomyLayer`); `slots` rows
+    (default: batch) and `left` columns before the old ones, the new ones zeros."""
     cache = DynamicCache(config=config)
-    cache.layers = [RoomyLayer(k, v, room) for k, v in layers]
+    cache.layers = [RoomyLayer(k, v, room, slots, left) for k, v in layers]
     return cache
 
 
@@ -269,18 +308,19 @@ class RoomyLayer(DynamicLayer):
     written); this one writes the new keys and values into the spare room and returns views, and
     makes more room (one copy) when it runs out, or when its keys were replaced by other code."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int, slots: int | None = None, left: int = 0):
         super().__init__()
         self.lazy_initialization(keys, values)
         self.room = max(room, 1)
-        self._k, self._v = self._grown(keys, 0), self._grown(values, 0)
-        self.keys, self.values = self._k[:, :, :keys.shape[2]], self._v[:, :, :values.shape[2]]
+        self._k, self._v = self._grown(keys, 0, slots, left), self._grown(values, 0, slots, left)
+        self.keys, self.values = self._k[:, :, :left + keys.shape[2]], self._v[:, :, :left + values.shape[2]]
 
-    def _grown(self, t: torch.Tensor, extra: int) -> torch.Tensor:
-        shape = list(t.shape)
-        shape[2] += self.room + extra
-        buffer = t.new_empty(shape)
-        buffer[:, :, :t.shape[2]] = t
+    def _grown(self, t: torch.Tensor, extra: int, slots: int | None = None, left: int = 0) -> torch.Tensor:
+        """A copy of t with `room + extra` free columns after it; `slots` rows and `left` columns before it, zeros."""
+        rows, heads, length, dim = t.shape
+        buffer = t.new_empty((slots or rows, heads, left + length + self.room + extra, dim))
+        buffer[:rows, :, left:left + length] = t
+        buffer[:rows, :, :left], buffer[rows:, :, :left + length] = 0, 0
         return buffer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -281,8 +281,8 @@ def test_rollout_with_a_real_model_left_pads_correctly_and_trains_the_eos(tokeni
 
 
 def test_continuous_batching_drops_finished_rows_and_changes_no_token(tokenizer):
-    """TurnDecoder decodes `chunk` steps between batch changes, dropping rows that ended and letting
-    queued turns join: greedy output equals the reference (one plain generate) and each context alone."""
+    """TurnDecoder lets queued turns take the slots of rows that ended and drops free slots when
+    nothing waits for them: greedy output equals the reference (one plain generate) and each context alone."""
     chat = ChatFormat(tokenizer)
     model = make_tiny_model(len(tokenizer))
     rows_seen = []
@@ -368,55 +368,51 @@ def test_roomy_cache_writes_decode_steps_in_place_and_equals_the_dynamic_cache(t
 
 
 def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenizer, rule_book, monkeypatch):
-    """A turn after a tool call prefills only the tool turn, continuing from the conversation's KV
-    cache; a group's shared prompt is prefilled once; greedy rollouts equal the reference decoder's,
-    and at most one batch of caches is kept between turns."""
+    """A turn after a tool call goes on in its conversation's slot, prefilling only the tool turn on
+    top of the KV cache there; a group's shared prompt is prefilled once, each prompt's own tokens on
+    top of the system prompt; greedy rollouts equal the reference decoder's, and a decode step never
+    runs more rows than the batch size."""
     chat = ChatFormat(tokenizer)
     model = make_tiny_model(len(tokenizer))
-    prefilled = []
+    shapes = []
 
     def end_on_positions(module, args, kwargs, out):  # turns of different lengths
-        prefilled.append(kwargs["input_ids"].numel())
+        shapes.append(tuple(kwargs["input_ids"].shape) + (kwargs.get("attention_mask") is not None,))
         out.logits[:, -1, chat.end_of_turn_id] += 100.0 * (kwargs["position_ids"][:, -1] % 13 == 0)
         return out
 
     model.register_forward_hook(end_on_positions, with_kwargs=True)
     # every turn counts as a tool call (a random model writes none), so every rollout takes 3 turns;
-    # queries (so tool turns) of different lengths give rows of different lengths
-    queries = None
-    monkeypatch.setattr(ascl, "parse_tool_calls", lambda text: [ascl.ToolCall(*next(queries))])
-    monkeypatch.setattr(chat.tokenizer, "decode", lambda ids, **kw: "<tool_call>")
+    # queries (so tool turns) of different lengths, picked by the turn's length, give rows of different lengths
+    queries = [("weapons", 1), ("home address of a neighbour", 3), ("bank", 2), ("lock picking", 1)]
+    monkeypatch.setattr(ascl, "parse_tool_calls", lambda text: [ascl.ToolCall(*queries[int(text) % 4])])
+    monkeypatch.setattr(chat.tokenizer, "decode", lambda ids, **kw: str(len(ids)))
     prompts = ["Hi", "Tell me about locks please. " * 6, "What is 2+2?" * 12]
-    kept = []
-    add = decoding.TurnDecoder.add
-
-    def spy(self, key, context):
-        kept.append(len(self.kept))
-        return add(self, key, context)
-
-    monkeypatch.setattr(decoding.TurnDecoder, "add", spy)
 
     def run(batch_size=None):
-        nonlocal queries
-        queries = itertools.cycle([("weapons", 1), ("home address of a neighbour", 3), ("bank", 2), ("lock picking", 1)])
+        shapes.clear()
         return ascl.rollout(model, chat, rule_book, prompts, ["benign"] * 3, group_size=2, max_new_tokens=20,
                             max_total_tokens=4096, max_tool_calls=2, do_sample=False, batch_size=batch_size)
 
     reused = run()
-    tokens_reused = sum(prefilled)
     assert all(len(t.tool_results) == 2 and len(t.turns) == 3 for t in reused)
     assert len({len(t.input_ids) for t in reused}) > 1  # rows of different lengths share batches
     assert len({len("".join(t.tool_results[0])) for t in reused}) > 1  # and tool turns of different lengths
-    assert max(kept) > 0  # caches were kept for the next turn
-    kept.clear()
+    ids = [chat.prompt_ids(p) for p in prompts]
+    shared = len(os.path.commonprefix(ids))
+    tool_turns = sum(len(t.input_ids) - len(ids[i // 2]) - sum(t.action_mask) for i, t in enumerate(reused))
+    prefilled = sum(rows * n for rows, n, _ in shapes if n > 1)  # decode steps feed one token a row
+    assert shared >= 16 and prefilled == shared + sum(len(c) - 1 - shared for c in ids) + tool_turns
+    # a turn after a tool call starts at the next decode step: the rollout takes as many steps as its
+    # longest conversation writes tokens
+    assert sum(1 for _, n, masked in shapes if n == 1 and masked) == max(sum(t.action_mask) for t in reused)
     assert [t.input_ids for t in run(batch_size=2)] == [t.input_ids for t in reused]
-    assert max(kept) <= 2  # never more than one batch of them
+    assert max(rows for rows, n, _ in shapes if n == 1) == 2
     monkeypatch.setattr(ascl, "DECODER", decoding.ReferenceDecoder)
-    prefilled.clear()
     again = run()
     assert [t.input_ids for t in reused] == [t.input_ids for t in again]
     assert [t.action_mask for t in reused] == [t.action_mask for t in again]
-    assert tokens_reused < sum(prefilled)  # fewer tokens went through the model
+    assert prefilled < sum(rows * n for rows, n, _ in shapes if n > 1)  # fewer tokens went through the model
 
 
 # ----------------------------------------------------------------------------- reward (Eq. 1)
