@@ -29,6 +29,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+import plumbing
+
 
 @dataclass
 class Sampling:
@@ -201,15 +203,15 @@ class TurnDecoder(ReferenceDecoder):
         free = [j for j, r in enumerate(self.rows) if r is None] + list(range(len(self.rows), room))
         new, self.queue = new[:len(free)], new[len(free):] + self.queue
         self._share_prefix([context[:-1] for _, context in new])
-        joining, prefilled = [], {}
+        joining = []
         for j, key, context in going_on:
             n = len(self.rows[j].tokens) - 1
             slot = [(k[j, :, k.shape[2] - n:], v[j, :, v.shape[2] - n:]) for k, v in kv_layers(self.cache)]
             joining.append((j, key, context, self._prefill(context[:-1], (context[:n], slot))))
+        distinct = list({tuple(context[:-1]): context[:-1] for _, context in new}.values())
+        prefilled = dict(zip(map(tuple, distinct), self._prefill_new(distinct)))
         for j, (key, context) in zip(free, new):
-            if tuple(context) not in prefilled:
-                prefilled[tuple(context)] = self._prefill(context[:-1])
-            joining.append((j, key, context, prefilled[tuple(context)]))
+            joining.append((j, key, context, prefilled[tuple(context[:-1])]))
         if joining:
             self._resize(max([len(self.rows)] + [j + 1 for j, *_ in joining]),
                          max([0 if self.mask is None else self.mask.shape[1]] + [len(c) - 1 for _, _, c, _ in joining]),
@@ -248,6 +250,32 @@ class TurnDecoder(ReferenceDecoder):
                          position_ids=torch.arange(len(known), len(tokens), device=device).unsqueeze(0),
                          past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
         return [(k[0], v[0]) for k, v in kv_layers(out)]
+
+    def _prefill_new(self, contexts: list[list[int]]) -> list[list]:
+        """`_prefill` for each of several contexts; those that start with the shared prefix go through
+        the model together, their rests after it left-padded (the padding masked), in runs of similar
+        length (plumbing.length_runs), so each run reads the weights once instead of once per context."""
+        shared, layers = self.shared
+        on_top = [i for i, c in enumerate(contexts) if layers is not None and len(c) > len(shared) and c[:len(shared)] == shared]
+        out = {i: self._prefill(c) for i, c in enumerate(contexts) if i not in on_top}
+        P, device = len(shared), self.model.device
+        for run in plumbing.length_runs([len(contexts[i]) - P for i in on_top], device.type):
+            rows, R = [on_top[r] for r in run], max(len(contexts[on_top[r]]) - P for r in run)
+            ids, mask = torch.full((len(rows), R), self.pad), torch.ones((len(rows), P + R), dtype=torch.long)
+            positions = torch.full((len(rows), R), P)
+            for b, i in enumerate(rows):
+                rest = contexts[i][P:]
+                ids[b, R - len(rest):], positions[b, R - len(rest):] = torch.tensor(rest), torch.arange(P, P + len(rest))
+                mask[b, P:P + R - len(rest)] = 0
+            cache = DynamicCache([(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)) for k, v in layers],
+                                 config=self.model.config)  # (heads, P, dim) seen as (rows, heads, P, dim), no copy
+            cache = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                               past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+            for b, i in enumerate(rows):
+                start = P + R - (len(contexts[i]) - P)  # where its rest starts, after the padding
+                out[i] = [(torch.cat([k[b, :, :P], k[b, :, start:]], 1), torch.cat([v[b, :, :P], v[b, :, start:]], 1))
+                          for k, v in kv_layers(cache)]
+        return [out[i] for i in range(len(contexts))]
 
     def _resize(self, slots: int, width: int, like: list):
         """Make the cache `slots` rows by `width` columns (one copy, only if it grows): old slots keep

@@ -310,14 +310,21 @@ def test_continuous_batching_drops_finished_rows_and_changes_no_token(tokenizer)
     assert fast == [run(decoding.ReferenceDecoder, [c])[0] for c in contexts]
 
 
+def real_tokens(kwargs) -> int:
+    """Tokens a forward runs through the model, padding left out."""
+    ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+    return int(ids.numel() if mask is None else mask[:, -ids.shape[1]:].sum())
+
+
 def test_the_prefix_new_contexts_share_is_prefilled_once(tokenizer):
-    """Distinct prompts share the system prompt: TurnDecoder prefills it once and each prompt's own
-    tokens on top of it, and writes the same greedy tokens as the reference decoder."""
+    """Distinct prompts share the system prompt: TurnDecoder prefills it once and then the prompts'
+    own tokens on top of it, all in one forward, and writes the same greedy tokens as the reference decoder."""
     chat = ChatFormat(tokenizer)
     model = make_tiny_model(len(tokenizer))
-    shapes = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
-                                    with_kwargs=True)
+    prefills = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefills.append(real_tokens(kwargs)) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)  # decode steps feed one token a row
     contexts = [chat.prompt_ids(p) for p in ["Hi", "Tell me about locks", "What is 2+2?", "Hi"]]
     shared = len(os.path.commonprefix(contexts))
     assert shared >= 16 and all(len(c) - 1 > shared for c in contexts)
@@ -328,10 +335,9 @@ def test_the_prefix_new_contexts_share_is_prefilled_once(tokenizer):
             d.add(i, c)
         return [new for _, new in sorted(d.turns())]
 
-    shapes.clear()
+    prefills.clear()
     fast = run(decoding.TurnDecoder)
-    prefilled = [n for rows, n in shapes if rows == 1 and n > 1]  # decode steps feed one token a row
-    assert sum(prefilled) == shared + sum(len(c) - 1 - shared for c in contexts[:3])  # "Hi" twice: once
+    assert prefills == [shared, sum(len(c) - 1 - shared for c in contexts[:3])]  # "Hi" twice: once
     assert fast == run(decoding.ReferenceDecoder)
 
 
@@ -377,7 +383,7 @@ def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenize
     shapes = []
 
     def end_on_positions(module, args, kwargs, out):  # turns of different lengths
-        shapes.append(tuple(kwargs["input_ids"].shape) + (kwargs.get("attention_mask") is not None,))
+        shapes.append(tuple(kwargs["input_ids"].shape) + (kwargs.get("attention_mask") is not None, real_tokens(kwargs)))
         out.logits[:, -1, chat.end_of_turn_id] += 100.0 * (kwargs["position_ids"][:, -1] % 13 == 0)
         return out
 
@@ -401,18 +407,18 @@ def test_turns_after_a_tool_call_reuse_the_kv_cache_and_change_no_token(tokenize
     ids = [chat.prompt_ids(p) for p in prompts]
     shared = len(os.path.commonprefix(ids))
     tool_turns = sum(len(t.input_ids) - len(ids[i // 2]) - sum(t.action_mask) for i, t in enumerate(reused))
-    prefilled = sum(rows * n for rows, n, _ in shapes if n > 1)  # decode steps feed one token a row
+    prefilled = sum(real for _, n, _, real in shapes if n > 1)  # decode steps feed one token a row
     assert shared >= 16 and prefilled == shared + sum(len(c) - 1 - shared for c in ids) + tool_turns
     # a turn after a tool call starts at the next decode step: the rollout takes as many steps as its
     # longest conversation writes tokens
-    assert sum(1 for _, n, masked in shapes if n == 1 and masked) == max(sum(t.action_mask) for t in reused)
+    assert sum(1 for _, n, masked, _ in shapes if n == 1 and masked) == max(sum(t.action_mask) for t in reused)
     assert [t.input_ids for t in run(batch_size=2)] == [t.input_ids for t in reused]
-    assert max(rows for rows, n, _ in shapes if n == 1) == 2
+    assert max(rows for rows, n, _, _ in shapes if n == 1) == 2
     monkeypatch.setattr(ascl, "DECODER", decoding.ReferenceDecoder)
     again = run()
     assert [t.input_ids for t in reused] == [t.input_ids for t in again]
     assert [t.action_mask for t in reused] == [t.action_mask for t in again]
-    assert prefilled < sum(rows * n for rows, n, _ in shapes if n > 1)  # fewer tokens went through the model
+    assert prefilled < sum(real for _, n, _, real in shapes if n > 1)  # fewer tokens went through the model
 
 
 # ----------------------------------------------------------------------------- reward (Eq. 1)
