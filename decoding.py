@@ -15,7 +15,7 @@ what a rollout with tool calls needs to stay close to plain `generate`:
 - no second prefill: a conversation continued right after its turn ended (a tool call) goes
   on in its own slot, from its KV cache there, so only the tool turn is prefilled; identical contexts (the rollouts
   of a group share their prompt) are prefilled once, and so is the prefix that new contexts
-  share (the system prompt: each prompt's own tokens are prefilled on top of it);
+  share (the system prompt: the prompts' own tokens then go through the model together on top of it);
 - each row stops at its own budget: min(max_new_tokens, max_total_tokens - len(context)).
 Memory: the cache of the batch (a conversation continued goes on in its own slot), and the
 shared prefix.
@@ -185,6 +185,8 @@ class TurnDecoder(ReferenceDecoder):
         """Queued turns join: a conversation whose turn just ended goes on in its own slot (only its new
         tokens prefilled, on top of the slot's cache); new contexts take free slots, identical ones
         prefilled once, each on top of the prefix new contexts share. A turn with no budget comes back empty."""
+        if not self.queue:
+            return
         queue, self.queue = self.queue, []
         if any(len(context) < 2 for _, context in queue):
             raise ValueError("TurnDecoder needs contexts of at least 2 tokens")
@@ -209,7 +211,7 @@ class TurnDecoder(ReferenceDecoder):
             slot = [(k[j, :, k.shape[2] - n:], v[j, :, v.shape[2] - n:]) for k, v in kv_layers(self.cache)]
             joining.append((j, key, context, self._prefill(context[:-1], (context[:n], slot))))
         distinct = list({tuple(context[:-1]): context[:-1] for _, context in new}.values())
-        prefilled = dict(zip(map(tuple, distinct), self._prefill_new(distinct)))
+        prefilled = dict(zip(map(tuple, distinct), self._prefill_new(distinct))) if distinct else {}
         for j, (key, context) in zip(free, new):
             joining.append((j, key, context, prefilled[tuple(context[:-1])]))
         if joining:

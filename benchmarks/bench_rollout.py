@@ -1,7 +1,7 @@
 """Rollout efficiency: tokens/s of ascl.rollout divided by tokens/s of one plain batched generate.
 
     python benchmarks/bench_rollout.py [--model M] [--prompts 8] [--group-size 2] [--max-new-tokens 64] [--slots N]
-        [--repeats 3] [--chunk 16] [--reference] [--context 200]
+        [--repeats 3] [--chunk 16] [--reference] [--greedy] [--context 200]
     python benchmarks/bench_rollout.py --table-only 16 32 --context 250   # the decode-step tables alone
 
 Both sides get the same prompts (the bundled RL prompts, rendered with the same chat template),
@@ -10,13 +10,15 @@ exactly as many tokens per row as the rollout wrote on average (min_new_tokens =
 The two are run alternately; the median of the ratios is reported; 1.0 is parity. What the
 rollout pays on top: a rollout that calls the tool writes its turns one after the other (turn 2
 needs the tool's answer to turn 1), and the tool's answer has to be prefilled. What
-decoding.TurnDecoder does about it: finished rows leave the batch and queued turns (the next
-turn of a conversation whose tool result was just appended) join it every --chunk steps, the
-KV cache of a conversation is reused for its next turn, a group's shared prompt is prefilled
-once, and so is the system prompt all prompts start with (plain generate prefills every row). --reference decodes with
-decoding.ReferenceDecoder (one plain generate per batch of queued turns) for the A/B.
-Also printed: where the rollout's time went (TurnDecoder's decode steps, prefills, rows leaving
-the batch; the rest is joining rows to the cache, the tool and the Python around them), the cost
+decoding.TurnDecoder does about it: a conversation whose tool result was just appended goes on
+in its own slot of the KV cache at the next decode step (only the tool turn prefilled), a finished
+row's slot is taken by a queued conversation at the next step, free slots are dropped every
+--chunk steps when nothing waits for them, a group's shared prompt is prefilled once, and so is
+the system prompt all prompts start with (plain generate prefills every row). --reference decodes
+with decoding.ReferenceDecoder (one plain generate per batch of queued turns) for the A/B.
+Also printed: where the rollout's time went (TurnDecoder's decode steps, prefills, growing the
+cache, dropping free slots; the rest is writing rows into their slots, the tool and the Python
+around them), the cost
 of one decode step by batch size, with generate's KV cache (DynamicCache, which concatenates the
 whole cache at every step) and with TurnDecoder's (written in place), and the bound they put on
 the efficiency.
@@ -84,23 +86,30 @@ def decode_step_ms(model, roomy: bool, batch_sizes=(1, 4, 8, 12, 16), context=20
     return out
 
 
-SPLIT = {"_step": "decode steps", "_prefill": "prefill", "_keep": "rows leaving"}
+SPLIT = {"_step": "decode steps", "_prefill": "prefills", "_prefill_new": "prefills", "_resize": "cache grown",
+         "_compact": "free slots dropped"}
 
 
 def time_decoder_parts() -> dict[str, list[float]]:
-    """Wrap TurnDecoder's decode step, prefill and batch compaction with timers: per part, [seconds,
-    calls], reset by the caller each round (what the rollout's time goes to)."""
-    parts = {name: [0.0, 0] for name in SPLIT}
-    for name in SPLIT:
+    """Wrap TurnDecoder's decode step, prefills, cache growth and slot compaction with timers: per
+    part, [seconds, calls] (a call inside another timed one counts in the outer one), reset by the
+    caller each round (what the rollout's time goes to)."""
+    methods = [name for name in SPLIT if hasattr(decoding.TurnDecoder, name)]  # older commits: fewer parts
+    parts, inside = {SPLIT[name]: [0.0, 0] for name in methods}, []
+    for name in methods:
         method = getattr(decoding.TurnDecoder, name)
 
-        def timed(self, *args, _method=method, _name=name, **kwargs):
+        def timed(self, *args, _method=method, _part=parts[SPLIT[name]], **kwargs):
+            if inside:
+                return _method(self, *args, **kwargs)
+            inside.append(True)
             t0 = time.perf_counter()
             try:
                 return _method(self, *args, **kwargs)
             finally:
-                parts[_name][0] += time.perf_counter() - t0
-                parts[_name][1] += 1
+                _part[0] += time.perf_counter() - t0
+                _part[1] += 1
+                inside.pop()
         setattr(decoding.TurnDecoder, name, timed)
     return parts
 
@@ -129,8 +138,10 @@ def main():
     p.add_argument("--group-size", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--chunk", type=int, default=16, help="decode steps between changes of the batch")
+    p.add_argument("--chunk", type=int, default=16, help="decode steps between drops of free slots")
     p.add_argument("--reference", action="store_true", help="one plain generate per batch of queued turns")
+    p.add_argument("--greedy", action="store_true", help="greedy rollouts: the same tokens in every round and with "
+                   "every decoder, for an A/B of decoders on the same work (use --group-size 1)")
     p.add_argument("--slots", type=int, default=None, help="rows decoded together (rollout_batch_size; plain "
                    "generate in batches of this many); default: all rollouts at once")
     p.add_argument("--table-only", type=int, nargs="*", metavar="ROWS", default=None,
@@ -167,7 +178,7 @@ def main():
             part[:] = [0.0, 0]
         t0 = time.perf_counter()
         trajs = ascl.rollout(model, chat, book, prompts, labels, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
-                             batch_size=a.slots)
+                             batch_size=a.slots, do_sample=not a.greedy)
         t_roll = time.perf_counter() - t0
         n_roll = sum(sum(t.action_mask) for t in trajs)
         per_row = max(1, round(n_roll / len(contexts)))
@@ -177,10 +188,11 @@ def main():
         ratio = (n_roll / t_roll) / (n_plain / t_plain)
         tool = sum(t.used_tool for t in trajs) / len(trajs)
         print(f"round {rep}{' (warm-up)' if rep == 0 else ''}: rollout {n_roll} tokens in {t_roll:.2f}s "
-              f"({n_roll / t_roll:.1f} tok/s, tool-call rate {tool:.2f}); plain generate {n_plain} tokens in "
+              f"({n_roll / t_roll:.1f} tok/s, tool-call rate {tool:.2f}, the longest conversation wrote "
+              f"{max(sum(t.action_mask) for t in trajs)}); plain generate {n_plain} tokens in "
               f"{t_plain:.2f}s ({n_plain / t_plain:.1f} tok/s); ratio {ratio:.3f}", flush=True)
         if parts:
-            print("  rollout time: " + ", ".join(f"{SPLIT[k]} {v[0]:.2f}s ({v[1]} calls)" for k, v in parts.items())
+            print("  rollout time: " + ", ".join(f"{k} {v[0]:.2f}s ({v[1]} calls)" for k, v in parts.items())
                   + f", the rest {t_roll - sum(v[0] for v in parts.values()):.2f}s", flush=True)
         if rep:
             ratios.append(ratio)
