@@ -1,5 +1,4 @@
 """ASCL as specified in METHOD.md sections 2 and 4: rule book, chat format, tool calls, rollout, reward."""
-import itertools
 import json
 import re
 import os
