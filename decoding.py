@@ -282,17 +282,16 @@ class TurnDecoder(ReferenceDecoder):
     def _resize(self, slots: int, width: int, like: list):
         """Make the cache `slots` rows by `width` columns (one copy, only if it grows): old slots keep
         their rows, right-aligned; what is new is zeros, masked. `like`: a row's per-layer cache."""
-        rows, T = (0, 0) if self.mask is None else self.mask.shape
+        if self.cache is None:  # nothing yet: an empty cache with `like`'s heads and head size
+            layers = [(k.new_zeros((0, k.shape[0], 0, k.shape[2])), v.new_zeros((0, v.shape[0], 0, v.shape[2])))
+                      for k, v in like]
+            self.mask, self.last = torch.zeros((0, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        else:
+            layers = kv_layers(self.cache)
+        rows, T = self.mask.shape
         if slots == rows and width == T:
             return
-        if self.cache is None:
-            layers = [(k.new_zeros((slots, k.shape[0], width, k.shape[2])),
-                       v.new_zeros((slots, v.shape[0], width, v.shape[2]))) for k, v in like]
-            self.cache = roomy_cache(layers, self.model.config)
-            self.mask, self.last = torch.zeros((slots, width), dtype=torch.long), torch.zeros(slots, dtype=torch.long)
-            self.rows = [None] * slots
-            return
-        self.cache = roomy_cache(kv_layers(self.cache), self.model.config, slots=slots, left=width - T)
+        self.cache = roomy_cache(layers, self.model.config, slots=slots, left=width - T)
         mask = self.mask.new_zeros((slots, width))
         mask[:rows, width - T:] = self.mask
         self.mask, self.last = mask, torch.cat([self.last, self.last.new_zeros(slots - rows)])

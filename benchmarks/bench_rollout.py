@@ -18,10 +18,9 @@ the system prompt all prompts start with (plain generate prefills every row). --
 with decoding.ReferenceDecoder (one plain generate per batch of queued turns) for the A/B.
 Also printed: where the rollout's time went (TurnDecoder's decode steps, prefills, growing the
 cache, dropping free slots; the rest is writing rows into their slots, the tool and the Python
-around them), the cost
-of one decode step by batch size, with generate's KV cache (DynamicCache, which concatenates the
-whole cache at every step) and with TurnDecoder's (written in place), and the bound they put on
-the efficiency.
+around them), the cost of one decode step by batch size, with generate's KV cache (DynamicCache,
+which concatenates the whole cache at every step) and with TurnDecoder's (written in place), and
+the bound they put on the efficiency.
 On a CPU a decode step of 1 row costs about 40% of one of 16, so a rollout is paced by its longest
 conversation: a row that calls the tool writes its turns one after the other, while plain generate
 writes the average length in every row at once. "Ideal scheduling" is the efficiency of a decoder
