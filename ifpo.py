@@ -18,15 +18,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
 
     rewards: (num_groups * group_size,) float.  Returns the same shape.
     std is the population std (divide by |G|); a group whose rewards are all
-    equal gets advantage 0: it carries no learning signal.
+    equal gets advantage exactly 0: it carries no learning signal. (In float32
+    the mean of eight 0.7s is not 0.7, and the rounding error divided by
+    std + eps is an advantage of about +0.06; so the statistics are taken in
+    float64 and tied groups are zeroed outright.) Returns float32.
 
     >>> group_advantages(torch.tensor([1., 0., 2., 2.]), group_size=2)
     tensor([ 1.0000, -1.0000,  0.0000,  0.0000])
+    >>> group_advantages(torch.full((8,), 0.7), group_size=8).abs().max().item()
+    0.0
     """
-    r = _grouped(rewards, group_size).float()
+    r = _grouped(rewards, group_size).double()
     mean = r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True, correction=0)
-    return ((r - mean) / (std + eps)).reshape(-1)
+    tied = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    adv = ((r - mean) / (std + eps)).masked_fill(tied, 0.0)
+    return adv.float().reshape(-1)
 
 
 def inverse_frequency_weights(

@@ -1,4 +1,4 @@
-"""IFPO as specified in METHOD.md section 5, one test per property."""
+"""IFPO as specified in docs/method.md section 5, one test per property."""
 import ast
 import math
 from pathlib import Path
@@ -79,6 +79,28 @@ def test_group_advantages_hand_computed():
 def test_zero_spread_group_gets_zero_advantage():
     a = ifpo_advantages(torch.tensor([1.5, 1.5, 1.5, 1.5]), torch.tensor([1, 1, 0, 0]).bool(), 4)
     assert torch.equal(a, torch.zeros(4))
+
+
+# rewards Eq. 1 can give (sums of 1.5, 0.5, 1.0 and -0.4 steps, -0.2 tool penalties) and arbitrary floats
+EQUAL_REWARDS = sorted({round(1.5 - 0.4 * k - 0.2 * j, 2) for k in range(6) for j in range(6)}
+                       | {0.1, 0.3, 0.6, 0.7, 0.9, 1.9, 2.5, 1 / 3, math.pi, -1e-3, 12345.678, 1e-7})
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 3, 4, 5, 7, 8, 12, 16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_equal_rewards_give_exactly_zero_advantage_for_any_value(group_size, dtype):
+    """In float32 a group of eight 0.7s used to get advantage +0.056 (the mean's rounding error / eps)."""
+    values = torch.tensor(EQUAL_REWARDS, dtype=dtype)
+    rewards = values.repeat_interleave(group_size)  # one group per value
+    m = torch.arange(rewards.numel()) % 2 == 0  # mixed behaviours, so IFPO weights are not all 1
+    assert torch.equal(group_advantages(rewards, group_size), torch.zeros(rewards.numel()))
+    assert torch.equal(ifpo_advantages(rewards, m, group_size), torch.zeros(rewards.numel()))
+
+
+def test_a_tied_group_beside_a_spread_one_stays_zero_and_the_other_is_standardised():
+    a = group_advantages(torch.tensor([0.7] * 8 + [0.0] * 4 + [1.5] * 4), 8)
+    assert torch.equal(a[:8], torch.zeros(8))
+    assert a[8:].mean().abs().item() < 1e-6 and a[8:].std(correction=0).item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_ifpo_advantage_is_weight_times_grpo_advantage():
