@@ -1,4 +1,5 @@
 """The bundled data (data/README.md): held-out eval sets of 100+ prompts, the BC mix, the RL mix."""
+
 import json
 import re
 from collections import Counter
@@ -16,7 +17,11 @@ TRAIN_SETS = ("bc_seed", "rl_prompts")
 
 
 def rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for line in (DATA / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def normalised(prompt: str) -> str:
@@ -55,7 +60,9 @@ def test_harmful_eval_set_covers_all_21_rule_book_categories():
 def test_a_prefix_of_an_eval_set_is_a_fair_sample_of_it():
     """eval.py --limit takes the first rows: the first 21 harmful prompts cover every category."""
     assert len({r["category"] for r in rows("eval_harmful")[:21]}) == 21
-    assert len({r["category"] for r in rows("eval_benign")[:20]}) == len({r["category"] for r in rows("eval_benign")})
+    assert len({r["category"] for r in rows("eval_benign")[:20]}) == len(
+        {r["category"] for r in rows("eval_benign")}
+    )
 
 
 def test_math_golds_are_integers():
@@ -70,10 +77,11 @@ def test_echoing_a_math_question_never_scores():
 
 
 # ----------------------------------------------------------------------------- training mixes
-def test_bc_mix_is_the_papers_2_3_2_plus_direct_ordinary_and_math_answers():
+def test_bc_mix_is_the_papers_3_2_sensitive_split_with_extra_refusals_and_direct_answers():
     data = rows("bc_seed")
     kinds = Counter(r["kind"] for r in data)
-    assert kinds["harmful_tool"] * 3 == kinds["sensitive_tool"] * 2 == kinds["sensitive_direct"] * 3  # 2:3:2
+    assert kinds["sensitive_tool"] * 2 == kinds["sensitive_direct"] * 3  # the paper's 3:2 of the 2:3:2
+    assert kinds["harmful_tool"] * 3 >= kinds["sensitive_tool"] * 2  # at least its 2:3 share of refusals
     assert kinds["ordinary_direct"] >= 10 and kinds["math_direct"] >= 10
     for r in data:
         with_tool = r["kind"].endswith("_tool")
@@ -89,7 +97,9 @@ def test_bc_math_rows_use_the_eval_protocol_and_end_with_the_right_answer_line()
         steps = re.findall(r"(\d+) ([-+×÷]) (\d+) = (\d+)", r["think"])
         assert steps, r["think"]
         for a, op, b, c in steps:  # every worked step is right
-            assert {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b), "÷": int(a) / int(b)}[op] == int(c), r
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b), "÷": int(a) / int(b)}[
+                op
+            ] == int(c), r
         assert scoring.extract_answer(r["answer"]) == steps[-1][3], r  # and the answer line gives its result
 
 
