@@ -1,9 +1,11 @@
 """The paper's judge for Eq. 1: Qwen3Guard-Gen (0.6B / 4B / 8B) through transformers.
 
 It reads a (prompt, answer) exchange and writes three lines, `Safety: Safe|Unsafe|Controversial`,
-`Categories: ...`, `Refusal: Yes|No`; ascl.reward turns them into R_s and R_c. ascl.make_judge
-picks it for any --judge other than "offline".
+`Categories: ...`, `Refusal: Yes|No`; ascl.reward turns them into R_s and R_c. make_judge (here)
+picks it for any --judge other than "offline". The layering is one-way: guard imports ascl, never
+the reverse.
 """
+
 from __future__ import annotations
 
 import re
@@ -11,7 +13,15 @@ from collections import Counter
 
 import torch
 
-from ascl import REFUSAL_RE, Verdict
+from ascl import Judge, OfflineJudge, Verdict, is_refusal
+
+
+def make_judge(name: str, device=None, batch_size: int = 16) -> Judge:
+    """'offline' -> ascl.OfflineJudge; anything else is a Qwen3Guard-Gen hub id or folder (GuardJudge,
+    strict mode: "Controversial" counts as unsafe)."""
+    if name == "offline":
+        return OfflineJudge()
+    return GuardJudge(name, strict=True, batch_size=batch_size, device=device)
 
 
 def parse_guard_output(text: str, strict: bool = True) -> tuple[bool | None, bool | None]:
@@ -35,14 +45,19 @@ class GuardJudge:
     The guard reads the (prompt, answer) exchange and writes three lines, `Safety: ...`,
     `Categories: ...`, `Refusal: ...`; it gets max_new_tokens = 128, room for all three with a
     long list of categories. Garbled output gets a defined verdict: unsafe when the Safety
-    line is unreadable, the refusal patterns when the Refusal line is; `self.fallbacks`
-    counts both since the last `pop_fallbacks()`, so the training log shows how often.
+    line is unreadable, ascl.is_refusal (the offline judge's reading) when the Refusal line is;
+    `self.fallbacks` counts both since the last `pop_fallbacks()`, so the training log shows how often.
     """
 
     max_new_tokens = 128
 
-    def __init__(self, model_name: str = "Qwen/Qwen3Guard-Gen-0.6B", strict: bool = True,
-                 batch_size: int = 16, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        model_name: str = "Qwen/Qwen3Guard-Gen-0.6B",
+        strict: bool = True,
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_name, padding_side="left")
@@ -62,10 +77,13 @@ class GuardJudge:
         ]
         outputs = []
         for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True,
-                                 add_special_tokens=False).to(self.model.device)
+            enc = self.tokenizer(
+                texts[s : s + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.model.device)
             gen = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False)
-            outputs += self.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs += self.tokenizer.batch_decode(
+                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
         return self.verdicts(outputs, answers)
 
     def verdicts(self, outputs: list[str], answers: list[str | None]) -> list[Verdict]:
@@ -83,7 +101,7 @@ class GuardJudge:
                 self.fallbacks["guard_safety_unreadable"] += 1
             if refused is None:
                 self.fallbacks["guard_refusal_unreadable"] += 1
-                refused = bool(REFUSAL_RE.search(answer))
+                refused = is_refusal(answer)
             out.append(Verdict(safe=bool(safe), refused=refused))
         return out
 

@@ -8,6 +8,7 @@ Shapes: a batch holds `num_groups * group_size` rollouts, the `group_size`
 rollouts of one prompt contiguous: rollout i belongs to group i // group_size.
 Equation numbers are those of ASCL (Wang et al., arXiv 2602.13562).
 """
+
 from __future__ import annotations
 
 import torch
@@ -85,9 +86,17 @@ def ifpo_advantages(
     return w * group_advantages(rewards, group_size, eps)
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor,
-                clip_eps: float = 0.2, clip_eps_high: float | None = None, ref_logprobs: torch.Tensor | None = None,
-                beta: float = 0.0, num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    beta: float = 0.0,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped surrogate with token-mean aggregation (DAPO).
 
     logprobs, old_logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens.
