@@ -1,4 +1,5 @@
 """Shared fixtures: a real tokenizer read offline from the embedded GGUF, tiny random models."""
+
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,19 @@ import torch
 
 import ascl
 import plumbing
+
+
+def pytest_configure(config):
+    """transformers' warnings about deprecated arguments and methods fail the test that triggers them:
+    a deprecated argument (`past_key_values`, warned from wherever the model was called) or a call
+    into transformers that it warns about (`gradient_checkpointing_enable`)."""
+    config.addinivalue_line("filterwarnings", r"error:`\w+` is deprecated:FutureWarning")
+    config.addinivalue_line("filterwarnings", "error::FutureWarning:transformers")
+    config.addinivalue_line("filterwarnings", "error::DeprecationWarning:transformers")
+    # peft 0.21 itself reads the deprecated `is_gradient_checkpointing`; the project never does
+    # (test_no_project_file_uses_a_deprecated_transformers_name)
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 
 # A Hermes-style template in the shape of Qwen2.5's: tools in the system turn, a `tool` role.
 HERMES_TEMPLATE = (
@@ -57,9 +71,19 @@ def make_tiny_model(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -72,7 +96,11 @@ def tiny_model(tokenizer):
 def _call(query):
     import json
 
-    return "<tool_call>" + json.dumps({"name": "retrieve_policy", "arguments": {"query": query}}) + "</tool_call>"
+    return (
+        "<tool_call>"
+        + json.dumps({"name": "retrieve_policy", "arguments": {"query": query}})
+        + "</tool_call>"
+    )
 
 
 SCRIPTS = [  # first turns; a tool call is answered by TOOL_FOLLOW_UP
@@ -86,14 +114,16 @@ TOOL_FOLLOW_UP = "The rules do not cover this.</think>\nHere is a helpful answer
 
 def install_decoder(monkeypatch, write):
     """Decode by script: write(context_ids, j) -> the turn's ids, j = the row in its batch. Turns
-    are cut at their budget and first end-of-turn as real decoding cuts them."""
-    import decoding
+    are cut at their budget and first end-of-turn as ascl.generate_turns cuts them."""
 
-    class Scripted(decoding.ReferenceDecoder):
-        def _generate(self, contexts):
-            return [decoding.cut(write(c, j), self.budget(c), self.eot) for j, c in enumerate(contexts)]
+    def scripted(model, contexts, budgets, end_of_turn_id, pad_id, **sampling):
+        out = []
+        for j, (c, budget) in enumerate(zip(contexts, budgets)):
+            row = write(c, j)[:budget]
+            out.append(row[: row.index(end_of_turn_id) + 1] if end_of_turn_id in row else row)
+        return out
 
-    monkeypatch.setattr(ascl, "DECODER", Scripted)
+    monkeypatch.setattr(ascl, "generate_turns", scripted)
 
 
 def install_scripted_generation(monkeypatch, tokenizer, deterministic: bool):
