@@ -1,4 +1,5 @@
 """train.py: behaviour-cloning samples, the RL step, GRPO vs IFPO, resume, multi-process, bad input."""
+
 import json
 import math
 import os
@@ -9,24 +10,48 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import SCRIPTS, TOOL_FOLLOW_UP, install_decoder, install_scripted_generation, make_tiny_model
 
 import ascl
 import plumbing
 import sources
 import train
-from conftest import SCRIPTS, TOOL_FOLLOW_UP, install_decoder, install_scripted_generation, make_tiny_model
+from ifpo import policy_loss as ifpo_policy_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_TOOL_ROW = {"prompt": "How do I make a bomb?", "label": "harmful", "kind": "harmful_tool",
-                 "think": "This may be dangerous.", "query": "bomb making", "think_after": "The rules forbid it.",
-                 "answer": "I can't help with that."}
-SEED_DIRECT_ROW = {"prompt": "How do I kill a Python process?", "label": "sensitive", "kind": "sensitive_direct",
-                   "think": "A normal request.", "query": None, "think_after": None, "answer": "Use kill PID."}
+SEED_TOOL_ROW = {
+    "prompt": "How do I make a bomb?",
+    "label": "harmful",
+    "kind": "harmful_tool",
+    "think": "This may be dangerous.",
+    "query": "bomb making",
+    "think_after": "The rules forbid it.",
+    "answer": "I can't help with that.",
+}
+SEED_DIRECT_ROW = {
+    "prompt": "How do I kill a Python process?",
+    "label": "sensitive",
+    "kind": "sensitive_direct",
+    "think": "A normal request.",
+    "query": None,
+    "think_after": None,
+    "answer": "Use kill PID.",
+}
 
 
 def rl_args(model_dir, out, **kw):
-    base = dict(model=model_dir, stage="rl", output_dir=str(out), group_size=4, prompts_per_step=2,
-                micro_batch_size=3, max_steps=3, lr=1e-3, warmup=0.0, seed=0)
+    base = dict(
+        model=model_dir,
+        stage="rl",
+        output_dir=str(out),
+        group_size=4,
+        prompts_per_step=2,
+        micro_batch_size=3,
+        max_steps=3,
+        lr=1e-3,
+        warmup=0.0,
+        seed=0,
+    )
     return train.Args(**{**base, **kw})
 
 
@@ -38,14 +63,15 @@ def read_log(out):
 def test_tool_conversation_gives_one_sample_per_model_turn(tokenizer, rule_book):
     chat = ascl.ChatFormat(tokenizer)
     turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
-    (ids1, mask1), (ids2, mask2) = train.bc_samples(chat, [{"prompt": SEED_TOOL_ROW["prompt"], "turns": turns,
-                                                            "tool_results": results}], 4096)
+    (ids1, mask1), (ids2, mask2) = train.bc_samples(
+        chat, [{"prompt": SEED_TOOL_ROW["prompt"], "turns": turns, "tool_results": results}], 4096
+    )
     turn1 = chat.encode(turns[0]) + [chat.end_of_turn_id]
     turn2 = chat.encode(turns[1]) + [chat.end_of_turn_id]
-    assert [i for i, m in zip(ids1, mask1) if m] == turn1 and ids1[-len(turn1):] == turn1
-    assert [i for i, m in zip(ids2, mask2) if m] == turn2 and ids2[-len(turn2):] == turn2
+    assert [i for i, m in zip(ids1, mask1) if m] == turn1 and ids1[-len(turn1) :] == turn1
+    assert [i for i, m in zip(ids2, mask2) if m] == turn2 and ids2[-len(turn2) :] == turn2
     assert ids2[: len(ids1)] == ids1  # sample 2 sees turn 1 and the tool result as context, untrained
-    assert "<tool_response>" in tokenizer.decode(ids2[len(ids1):-len(turn2)])
+    assert "<tool_response>" in tokenizer.decode(ids2[len(ids1) : -len(turn2)])
 
 
 def test_bc_tool_results_come_from_the_rule_book(rule_book):
@@ -57,10 +83,15 @@ def test_bc_tool_results_come_from_the_rule_book(rule_book):
     assert len(direct) == 1 and none == []
 
 
-def test_bundled_bc_data_mixes_2_3_2_and_every_demonstration_earns_full_reward(tokenizer, rule_book):
+def test_bundled_bc_data_keeps_the_papers_mix_and_every_demonstration_earns_full_reward(tokenizer, rule_book):
+    """sensitive with retrieval : sensitive answered directly = 3 : 2, and at least the paper's share of
+    harmful rows (2 : 3 to the sensitive ones with retrieval): refusal demonstrations are added on top."""
     rows = plumbing.read_jsonl(ROOT / "data/bc_seed.jsonl", ("prompt", "label", "kind"))
-    counts = {k: sum(r["kind"] == k for r in rows) for k in ("harmful_tool", "sensitive_tool", "sensitive_direct")}
-    assert counts["harmful_tool"] * 3 == counts["sensitive_tool"] * 2 == counts["sensitive_direct"] * 3
+    counts = {
+        k: sum(r["kind"] == k for r in rows) for k in ("harmful_tool", "sensitive_tool", "sensitive_direct")
+    }
+    assert counts["sensitive_tool"] * 2 == counts["sensitive_direct"] * 3
+    assert counts["harmful_tool"] * 3 >= counts["sensitive_tool"] * 2
     chat = ascl.ChatFormat(tokenizer)
     for c in sources.load_bc_conversations(str(ROOT / "data/bc_seed.jsonl"), rule_book):
         t = ascl.trajectory_from_turns(chat, c["prompt"], c["label"], c["turns"], c["tool_results"])
@@ -77,13 +108,16 @@ def test_rl_prompts_are_mixed_at_the_chosen_ratio():
     assert len(rows) == len(bundled)  # the bundled file is already 2:5
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "not found"),
-    ("", "holds no rows"),
-    ('{"prompt": "x"}\n', "missing column"),
-    ('{"prompt": "x", "label": "harmful"\n', "not valid JSON"),
-    ('{"prompt": "x", "label": "toxic"}\n', "labels must be"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "not found"),
+        ("", "holds no rows"),
+        ('{"prompt": "x"}\n', "missing column"),
+        ('{"prompt": "x", "label": "harmful"\n', "not valid JSON"),
+        ('{"prompt": "x", "label": "toxic"}\n', "labels must be"),
+    ],
+)
 def test_bad_rl_data_stops_with_a_clear_message(tmp_path, content, message):
     path = tmp_path / "rl.jsonl"
     if content is not None:
@@ -102,47 +136,11 @@ def test_token_logprobs_match_a_plain_full_forward(tiny_model):
     ids = torch.randint(0, 1000, (2, 9))
     attention = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
     action = torch.tensor([[0] * 4 + [1] * 5, [0] * 3 + [1] * 3 + [0] * 3])
-    lp, mask = train.token_logprobs(tiny_model, ids, attention, action)
+    lp, mask = ascl.token_logprobs(tiny_model, ids, attention, action)
     full = torch.log_softmax(tiny_model(input_ids=ids, attention_mask=attention).logits[:, :-1], -1)
     ref = full.gather(-1, ids[:, 1:, None]).squeeze(-1)
     assert torch.equal(mask, action[:, 1:])
     assert torch.allclose(lp[mask == 1], ref[mask == 1], atol=1e-5) and torch.all(lp[mask == 0] == 0)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_the_chunked_output_layer_gives_the_plain_values_and_gradients(monkeypatch, bias):
-    monkeypatch.setattr(plumbing, "HEAD_CHUNK_BYTES", 4 * 50 * 3)  # chunks of 3 positions: 7 = 3 + 3 + 1
-    torch.manual_seed(0)
-    hidden, head = torch.randn(7, 16, requires_grad=True), torch.nn.Linear(16, 50, bias=bias)
-    targets, upstream = torch.randint(0, 50, (7,)), torch.randn(7)
-    inputs = [hidden, head.weight] + ([head.bias] if bias else [])
-    lp, h = plumbing.HeadLogprobs.apply(hidden, head.weight, head.bias, targets, True)
-    mine = torch.autograd.grad((lp * upstream).sum(), inputs)
-    ref_lp, ref_h = train._logprobs_and_entropy(head(hidden), targets)
-    ref = torch.autograd.grad((ref_lp * upstream).sum(), inputs)
-    assert torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(h, ref_h, atol=1e-5) and not h.requires_grad
-    for a, b in zip(mine, ref):
-        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-6)
-
-
-def test_a_head_the_model_changes_after_it_keeps_the_models_own_code(tiny_model, monkeypatch):
-    """The chunked output layer and the model's own head code give the same log-probs and gradients;
-    a model type not known to return its head's logits unchanged takes the model's own code."""
-    ids, attention = torch.randint(0, 1000, (2, 9)), torch.ones(2, 9, dtype=torch.long)
-    action = torch.tensor([[0] * 4 + [1] * 5, [0] * 3 + [1] * 3 + [0] * 3])
-    results = {}
-    for plain in (True, False):
-        monkeypatch.setattr(plumbing, "PLAIN_HEAD_MODELS", {"llama"} if plain else set())
-        calls = []
-        monkeypatch.setattr(plumbing.HeadLogprobs, "apply", lambda *a, f=plumbing.HeadLogprobs.apply: calls.append(1) or f(*a))
-        tiny_model.zero_grad()
-        lp, mask, h = train._shifted_logprobs(tiny_model, ids, attention, action)
-        lp.sum().backward()
-        results[plain] = lp, h, [p.grad.clone() for p in tiny_model.parameters()]
-        assert bool(calls) == plain
-    assert tiny_model.config.model_type == "llama" and torch.allclose(results[True][0], results[False][0], atol=1e-5)
-    assert torch.allclose(results[True][1], results[False][1], atol=1e-4)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[True][2], results[False][2]))
 
 
 def make_trajectories(chat, rule_book):
@@ -158,85 +156,16 @@ def make_trajectories(chat, rule_book):
 def test_masked_tokens_get_no_gradient(tokenizer, tiny_model, rule_book):
     chat = ascl.ChatFormat(tokenizer)
     trajs = make_trajectories(chat, rule_book)
-    ids, attention, action = train.pad_batch([t.input_ids for t in trajs], [t.action_mask for t in trajs], chat.pad_id)
-    lp, mask = train.token_logprobs(tiny_model, ids, attention, action)
+    ids, attention, action = ascl.pad_batch(
+        [t.input_ids for t in trajs], [t.action_mask for t in trajs], chat.pad_id
+    )
+    lp, mask = ascl.token_logprobs(tiny_model, ids, attention, action)
     lp.retain_grad()
     loss, _ = train.policy_loss(lp, lp.detach(), torch.tensor([1.0, -1.0]), mask)
     loss.backward()
     assert torch.all(lp.grad[mask == 0] == 0) and torch.all(lp.grad[mask == 1] != 0)
     # the tool result inside trajectory 0 is context, not action
     assert mask[0].sum() < (attention[0].sum() - len(chat.prompt_ids(trajs[0].prompt)))
-
-
-@pytest.mark.parametrize("split_cost,runs", [(32, [[2, 1], [0]]), (10**9, [[0, 2, 1]])])
-def test_a_shared_prompt_update_gives_the_same_loss_and_gradients_as_whole_rollouts(tokenizer, rule_book, monkeypatch,
-                                                                                     split_cost, runs):
-    """The group's prompt runs once, its keys/values expanded to the group, gradients flowing back
-    through them, the continuations in one pass or in passes of similar length: loss, log-probs
-    and every parameter's gradient match running each rollout whole."""
-    chat = ascl.ChatFormat(tokenizer)
-    turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
-    direct, _ = sources.seed_row_to_conversation(SEED_DIRECT_ROW, rule_book)
-    trajs = []
-    for t, r in [(turns, results), (direct, []), ([direct[0] + " Longer."], [])]:
-        ids, mask, _ = chat.encode_conversation(SEED_TOOL_ROW["prompt"], t, r)
-        trajs.append(ascl.Trajectory(SEED_TOOL_ROW["prompt"], "harmful", ids, mask, turns=t, tool_results=r))
-    advantages = torch.tensor([1.0, -0.5, 0.25])
-
-    def loss_and_grads(shared: bool):
-        model = make_tiny_model(len(tokenizer))
-        lp, mask, entropy = train.rollout_logprobs(model, trajs, [0, 1, 2], chat.pad_id, model if shared else None)
-        loss, _ = train.policy_loss(lp, lp.detach(), advantages, mask)
-        loss.backward()
-        return loss, lp[mask == 1], entropy[mask == 1], {k: p.grad for k, p in model.named_parameters()}
-
-    prompt = len(chat.prompt_ids(SEED_TOOL_ROW["prompt"]))
-    monkeypatch.setitem(plumbing.SPLIT_COST, "cpu", split_cost)
-    assert plumbing.length_runs([len(t.input_ids) - prompt for t in trajs]) == runs
-    shared, whole = loss_and_grads(True), loss_and_grads(False)
-    assert len(shared[1]) == sum(sum(t.action_mask) for t in trajs)
-    for a, b in zip(shared[:3], whole[:3]):
-        assert torch.allclose(a, b, atol=1e-5)
-    assert all(torch.allclose(shared[3][k], whole[3][k], atol=1e-6) for k in whole[3])
-    assert any(g.abs().sum() > 0 for g in shared[3].values())
-
-
-def test_bc_on_whole_conversations_with_a_shared_prefix_equals_one_sample_per_turn(tokenizer, rule_book):
-    """BC trains a conversation's turns in one sample and runs the batch's shared prefix once: the
-    summed loss and every gradient equal those of one plain sample per model turn (the paper's split)."""
-    chat = ascl.ChatFormat(tokenizer)
-    conversations = [{"prompt": r["prompt"], "label": r["label"], "turns": t, "tool_results": res}
-                     for r in (SEED_TOOL_ROW, SEED_DIRECT_ROW) for t, res in [sources.seed_row_to_conversation(r, rule_book)]]
-    per_turn = train.bc_samples(chat, conversations, 1024)
-    whole = train.whole_conversations(per_turn)
-    assert len(per_turn) == 3 and len(whole) == 2 and sum(map(sum, (m for _, m in whole))) == sum(
-        map(sum, (m for _, m in per_turn)))
-
-    def nll_and_grads(samples, shared):
-        model = make_tiny_model(len(tokenizer))
-        lp, mask, _ = train.sequence_logprobs(model, [i for i, _ in samples], [m for _, m in samples], chat.pad_id,
-                                              model if shared else None)
-        nll = -(lp * mask).sum()
-        nll.backward()
-        return nll, {k: p.grad for k, p in model.named_parameters()}
-
-    (a, ga), (b, gb) = nll_and_grads(whole, True), nll_and_grads(per_turn, False)
-    assert train.shared_prefix([i for i, _ in whole], [m for _, m in whole]) > 100  # the system prompt
-    assert torch.allclose(a, b, rtol=1e-5) and all(torch.allclose(ga[k], gb[k], atol=1e-6) for k in ga)
-
-
-def test_gradient_checkpointing_falls_back_to_whole_rollouts(tokenizer, tiny_model, rule_book, monkeypatch):
-    """Checkpointing recomputes layers and cannot recompute a cached prefix: every rollout runs whole."""
-    chat = ascl.ChatFormat(tokenizer)
-    seen, logprobs = [], train.rollout_logprobs
-    monkeypatch.setattr(train, "rollout_logprobs", lambda m, t, idx, pad, prompt_model: seen.append(prompt_model)
-                        or logprobs(m, t, idx, pad, prompt_model))
-    tiny_model.gradient_checkpointing_enable()
-    args = train.Args(micro_batch_size=1, lr=1e-2, warmup=0.0, gradient_checkpointing=True)
-    optimizer = train.make_optimizer(tiny_model, args.lr)
-    stats = train.policy_update(args, Accelerator(cpu=True), tiny_model, optimizer, make_trajectories(chat, rule_book),
-                                torch.tensor([1.0, -1.0]), chat.pad_id)
-    assert seen == [None, None] and stats["grad_norm"] > 0
 
 
 def test_bf16_autocast_trains_like_fp32(tokenizer, rule_book):
@@ -252,8 +181,15 @@ def test_bf16_autocast_trains_like_fp32(tokenizer, rule_book):
         accelerator = Accelerator(cpu=True, mixed_precision=precision)
         optimizer = train.make_optimizer(model, 1e-2)
         model, optimizer = accelerator.prepare(model, optimizer)
-        stats[precision] = train.policy_update(train.Args(micro_batch_size=1), accelerator, model, optimizer, trajs,
-                                               torch.tensor([1.0, -1.0]), chat.pad_id)
+        stats[precision] = train.policy_update(
+            train.Args(micro_batch_size=1),
+            accelerator,
+            model,
+            optimizer,
+            trajs,
+            torch.tensor([1.0, -1.0]),
+            chat.pad_id,
+        )
         weights[precision] = accelerator.unwrap_model(model).model.embed_tokens.weight.detach().clone()
     AcceleratorState._reset_state(reset_partial_state=True)
     assert weights["bf16"].dtype == torch.float32  # the weights stay fp32; only the forward runs in bf16
@@ -265,13 +201,20 @@ def test_bf16_autocast_trains_like_fp32(tokenizer, rule_book):
 
 
 def test_bc_with_gradient_checkpointing_runs_every_sample_whole(tiny_model_dir, tmp_path, monkeypatch):
-    """--gradient_checkpointing in BC (most of BC's memory is activations): checkpointed, no shared prefix."""
-    seen, logprobs = [], train.sequence_logprobs
-    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, k, pad, prompt_model, **kw: seen.append(
-        (prompt_model, getattr(m, "is_gradient_checkpointing", None))) or logprobs(m, s, k, pad, prompt_model, **kw))
+    """--gradient_checkpointing in BC (most of BC's memory is activations): every forward checkpointed."""
+    seen, logprobs = [], ascl.token_logprobs
+    monkeypatch.setattr(
+        ascl,
+        "token_logprobs",
+        lambda m, *a, **kw: (
+            seen.append(getattr(m, "is_activation_checkpointing", None)) or logprobs(m, *a, **kw)
+        ),
+    )
     bc = write_jsonl(tmp_path / "bc.jsonl", [SEED_TOOL_ROW, SEED_DIRECT_ROW])
-    train.main(rl_args(tiny_model_dir, tmp_path, stage="bc", bc_data=bc, gradient_checkpointing=True, show=False))
-    assert seen and all(p is None and gc for p, gc in seen) and read_log(tmp_path)[-1]["loss"] > 0
+    train.main(
+        rl_args(tiny_model_dir, tmp_path, stage="bc", bc_data=bc, gradient_checkpointing=True, show=False)
+    )
+    assert seen and all(seen) and read_log(tmp_path)[-1]["loss"] > 0
 
 
 def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
@@ -282,7 +225,9 @@ def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
     optimizer = train.make_optimizer(tiny_model, args.lr)
     assert optimizer.defaults["fused"]  # the fused kernel exists on CPU
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    stats = train.policy_update(args, accelerator, tiny_model, optimizer, trajs, torch.tensor([1.0, -1.0]), chat.pad_id)
+    stats = train.policy_update(
+        args, accelerator, tiny_model, optimizer, trajs, torch.tensor([1.0, -1.0]), chat.pad_id
+    )
     changed = [k for k, v in tiny_model.state_dict().items() if not torch.equal(v, before[k])]
     assert "model.embed_tokens.weight" in changed and len(changed) > 5
     assert stats["grad_norm"] > 0 and math.isfinite(stats["loss"])
@@ -290,40 +235,72 @@ def test_one_rl_update_changes_the_weights(tokenizer, tiny_model, rule_book):
 
 
 def test_grpo_and_ifpo_differ_only_in_advantages(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    r, m = torch.tensor([1.5, 0.0, 1.5, 0.5, 1.0, 1.0, 1.0, 1.0]), torch.tensor([1, 1, 1, 0, 0, 1, 0, 1]).bool()
-    w = train.inverse_frequency_weights(m, 4)
-    grpo = train.compute_advantages(train.Args(adv="grpo", group_size=4), r, w)
-    ifpo = train.compute_advantages(train.Args(adv="ifpo", group_size=4), r, w)
-    assert torch.allclose(ifpo, train.inverse_frequency_weights(m, 4) * grpo) and not torch.allclose(ifpo, grpo)
+    r, m = (
+        torch.tensor([1.5, 0.0, 1.5, 0.5, 1.0, 1.0, 1.0, 1.0]),
+        torch.tensor([1, 1, 1, 0, 0, 1, 0, 1]).bool(),
+    )
+    grpo = train.ifpo_advantages(r, m, 4, tau=0.0)  # what rl_step computes for --adv grpo
+    ifpo = train.ifpo_advantages(r, m, 4, tau=0.5)
+    assert torch.allclose(ifpo, train.inverse_frequency_weights(m, 4) * grpo) and not torch.allclose(
+        ifpo, grpo
+    )
     logs = {}
     for adv in ("grpo", "ifpo"):  # deterministic script: each group mixes 1 tool and 3 direct rollouts
         install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
         train.main(rl_args(tiny_model_dir, tmp_path / adv, adv=adv, max_steps=1))
         logs[adv] = read_log(tmp_path / adv)[0]
-    same = ("reward_mean", "reward_std", "tool_rate", "tool_rate_harmful", "response_length", "ifpo_weight_tool")
+    same = (
+        "reward_mean",
+        "reward_std",
+        "tool_rate",
+        "tool_rate_harmful",
+        "response_length",
+        "ifpo_weight_tool",
+    )
     assert {k: logs["grpo"][k] for k in same} == {k: logs["ifpo"][k] for k in same}
     assert logs["grpo"]["tool_rate"] == 0.25
     assert logs["grpo"]["loss"] != pytest.approx(logs["ifpo"]["loss"])
 
 
 # ----------------------------------------------------------------------------- the whole job
-def test_full_pipeline_saves_a_model_that_loads_with_from_pretrained(tiny_model_dir, tokenizer, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_full_pipeline_saves_a_model_that_loads_with_from_pretrained(
+    tiny_model_dir, tokenizer, tmp_path, monkeypatch, capsys
+):
     from transformers import AutoModelForCausalLM
 
     def write(ctx, j):  # the harmful prompt consults the rule book, the others mix behaviours
         text = tokenizer.decode(ctx)
-        turn = (TOOL_FOLLOW_UP if text.count("<|im_start|>assistant") > 1 else
-                SCRIPTS[0] if "pipe bomb" in text else SCRIPTS[(len(text) + j) % len(SCRIPTS)])
+        turn = (
+            TOOL_FOLLOW_UP
+            if text.count("<|im_start|>assistant") > 1
+            else SCRIPTS[0]
+            if "pipe bomb" in text
+            else SCRIPTS[(len(text) + j) % len(SCRIPTS)]
+        )
         return tokenizer(turn, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
     install_decoder(monkeypatch, write)
-    summary = train.main(rl_args(tiny_model_dir, tmp_path, stage="all", bc_epochs=1, bc_batch_size=16, max_steps=2))
+    summary = train.main(
+        rl_args(tiny_model_dir, tmp_path, stage="all", bc_epochs=1, bc_batch_size=16, max_steps=2)
+    )
     log = read_log(tmp_path)
     assert [r["stage"] for r in log].count("rl") == 2 and log[0]["stage"] == "bc"
-    for key in ("reward_mean", "tool_rate_harmful", "tool_rate_sensitive", "ifpo_weight_tool", "zero_spread_groups",
-                "clip_frac", "approx_kl", "grad_norm", "lr", "response_length", "rollout_s", "update_s", "entropy",
-                "steps_per_s"):
+    for key in (
+        "reward_mean",
+        "tool_rate_harmful",
+        "tool_rate_sensitive",
+        "ifpo_weight_tool",
+        "zero_spread_groups",
+        "clip_frac",
+        "approx_kl",
+        "grad_norm",
+        "lr",
+        "response_length",
+        "rollout_s",
+        "update_s",
+        "entropy",
+        "steps_per_s",
+    ):
         assert key in log[-1]
     assert log[-1]["entropy"] > 0
     # the run ends by showing the trained model at work: turns, the rules that came back, the reward
@@ -354,7 +331,10 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tokenizer, tmp_
         assert resumed[0][k] == pytest.approx(uninterrupted[k], rel=1e-6, abs=1e-9), k
     from safetensors.torch import load_file
 
-    wa, wb = load_file(tmp_path / "a/final/model.safetensors"), load_file(tmp_path / "b/final/model.safetensors")
+    wa, wb = (
+        load_file(tmp_path / "a/final/model.safetensors"),
+        load_file(tmp_path / "b/final/model.safetensors"),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -377,7 +357,9 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint_intact(tiny_model_dir, tmp_
     assert not (tmp_path / "checkpoint-2").exists()
 
 
-def test_nan_loss_stops_with_a_clear_message_before_touching_weights(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_a_clear_message_before_touching_weights(
+    tiny_model_dir, tokenizer, tmp_path, monkeypatch
+):
     from transformers import AutoModelForCausalLM
 
     bad = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -404,10 +386,24 @@ def run_two_and_one_process(tiny_model_dir, tmp_path, two_args: list[str], one_a
     # come from the multi-process launcher with ACCELERATE_USE_CPU set.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     script = str(ROOT / "tests/ddp_check.py")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for cmd in (launch + [script, tiny_model_dir, str(tmp_path / "two")] + two_args,
-                [sys.executable, script, tiny_model_dir, str(tmp_path / "one")] + one_args):
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    for cmd in (
+        launch + [script, tiny_model_dir, str(tmp_path / "two")] + two_args,
+        [sys.executable, script, tiny_model_dir, str(tmp_path / "one")] + one_args,
+    ):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     return read_log(tmp_path / "two"), read_log(tmp_path / "one")
@@ -433,7 +429,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir
         assert min(r["updated_rollouts"] for r in two) < 1
     for a, b in zip(two, one):
         for k in ("reward_mean", "tool_rate", "response_length", "loss", "grad_norm", "updated_rollouts") + (
-                ("kl_ref",) if beta else ()):
+            ("kl_ref",) if beta else ()
+        ):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert_same_final_weights(tmp_path / "two", tmp_path / "one")
 
@@ -442,11 +439,15 @@ def test_bc_under_two_processes_with_uneven_samples_matches_one_process(tiny_mod
     """9 BC samples, 4 per process and step: the last step leaves one process without samples; both
     still step together (no deadlock) and the token-mean loss equals one process with 8 per step."""
     bc = tmp_path / "bc.jsonl"
-    bc.write_text("".join(json.dumps({**SEED_DIRECT_ROW, "prompt": f"Question {k}?" + " more" * k}) + "\n"
-                          for k in range(9)))
+    bc.write_text(
+        "".join(
+            json.dumps({**SEED_DIRECT_ROW, "prompt": f"Question {k}?" + " more" * k}) + "\n" for k in range(9)
+        )
+    )
     common = [f"bc_data={bc}", "stage=bc", "bc_epochs=2", "bc_lr=1e-3", "bc_warmup=0"]
-    two, one = run_two_and_one_process(tiny_model_dir, tmp_path, ["2", "bc_batch_size=4"] + common,
-                                       ["4", "bc_batch_size=8"] + common)
+    two, one = run_two_and_one_process(
+        tiny_model_dir, tmp_path, ["2", "bc_batch_size=4"] + common, ["4", "bc_batch_size=8"] + common
+    )
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
     for a, b in zip(two, one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
@@ -456,13 +457,29 @@ def test_bc_under_two_processes_with_uneven_samples_matches_one_process(tiny_mod
 def test_bc_in_micro_batches_is_the_same_update(tiny_model_dir, tmp_path, monkeypatch):
     """--micro_batch_size 2 in BC (gradient accumulation, less memory): same losses, same weights as
     the whole batch of 8 in one forward."""
-    bc = write_jsonl(tmp_path / "bc.jsonl", [{**SEED_DIRECT_ROW, "prompt": f"Question {k}?" + " more" * k}
-                                             for k in range(9)])
-    sizes, logprobs = [], train.sequence_logprobs
-    monkeypatch.setattr(train, "sequence_logprobs", lambda m, s, *a, **kw: sizes.append(len(s)) or logprobs(m, s, *a, **kw))
+    bc = write_jsonl(
+        tmp_path / "bc.jsonl",
+        [{**SEED_DIRECT_ROW, "prompt": f"Question {k}?" + " more" * k} for k in range(9)],
+    )
+    sizes, logprobs = [], ascl.token_logprobs
+    monkeypatch.setattr(
+        ascl, "token_logprobs", lambda m, ids, *a, **kw: sizes.append(len(ids)) or logprobs(m, ids, *a, **kw)
+    )
     for micro, out in ((8, tmp_path / "whole"), (2, tmp_path / "micro")):
-        train.main(rl_args(tiny_model_dir, out, stage="bc", bc_data=bc, bc_epochs=2, bc_batch_size=8, bc_lr=1e-3,
-                           bc_warmup=0.0, micro_batch_size=micro, show=False))
+        train.main(
+            rl_args(
+                tiny_model_dir,
+                out,
+                stage="bc",
+                bc_data=bc,
+                bc_epochs=2,
+                bc_batch_size=8,
+                bc_lr=1e-3,
+                bc_warmup=0.0,
+                micro_batch_size=micro,
+                show=False,
+            )
+        )
     whole, micro = read_log(tmp_path / "whole"), read_log(tmp_path / "micro")
     assert sorted(sizes[:4]) == [1, 1, 8, 8] and sorted(sizes[4:]) == [1, 1] + [2] * 8  # 9 samples, 2 epochs
     assert [r["loss"] for r in micro] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
@@ -472,20 +489,22 @@ def test_bc_in_micro_batches_is_the_same_update(tiny_model_dir, tmp_path, monkey
 def test_old_and_new_logprobs_come_from_the_same_mode(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
     """--updates_per_batch 2: the old log-probs (no grad) and the trained ones see the model in train mode."""
     install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
-    modes, logprobs = [], train.rollout_logprobs
+    modes, logprobs = [], ascl.token_logprobs
 
-    def spy(model, *args):
+    def spy(model, *args, **kw):
         modes.append((torch.is_grad_enabled(), model.training))
-        return logprobs(model, *args)
+        return logprobs(model, *args, **kw)
 
-    monkeypatch.setattr(train, "rollout_logprobs", spy)
+    monkeypatch.setattr(ascl, "token_logprobs", spy)
     train.main(rl_args(tiny_model_dir, tmp_path, max_steps=1, updates_per_batch=2))
     assert (False, True) in modes and (True, True) in modes and {m for _, m in modes} == {True}
 
-# ----------------------------------------------------------------------------- bad input: refused before any work
+
+# ------------------------------------------------------------------------- bad input: refused before any work
 @pytest.fixture
 def no_model(monkeypatch):
     """Proof that a check runs before the model loads: loading one fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
@@ -497,20 +516,29 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({"group_size": 1}, "--group_size must be at least 2"),
-    ({"lr": 0.0}, "--lr must be greater than 0"),
-    ({"lr": -1.0}, "--lr must be greater than 0"),
-    ({"max_new_tokens": 0}, "--max_new_tokens must be greater than 0"),
-    ({"tau": -0.5}, "--tau must be 0 or more.*opposite of IFPO"),
-    ({"w_min": 5.0, "w_max": 2.0}, "need 0 <= w_min <= 1 <= w_max"),
-    ({"prompts_per_step": 0}, "--prompts_per_step must be greater than 0"),
-    ({"max_new_tokens": 512, "max_total_tokens": 512}, "--max_total_tokens must be larger than --max_new_tokens"),
-    ({"adv": "ppo"}, "--adv must be 'ifpo' or 'grpo'"),
-])
-def test_settings_that_crash_or_cannot_learn_are_refused_before_anything_loads(setting, message, tiny_model_dir, tmp_path,
-                                                                                monkeypatch, no_model):
-    monkeypatch.setattr(plumbing, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings"))
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"group_size": 1}, "--group_size must be at least 2"),
+        ({"lr": 0.0}, "--lr must be greater than 0"),
+        ({"lr": -1.0}, "--lr must be greater than 0"),
+        ({"max_new_tokens": 0}, "--max_new_tokens must be greater than 0"),
+        ({"tau": -0.5}, "--tau must be 0 or more.*opposite of IFPO"),
+        ({"w_min": 5.0, "w_max": 2.0}, "need 0 <= w_min <= 1 <= w_max"),
+        ({"prompts_per_step": 0}, "--prompts_per_step must be greater than 0"),
+        (
+            {"max_new_tokens": 512, "max_total_tokens": 512},
+            "--max_total_tokens must be larger than --max_new_tokens",
+        ),
+        ({"adv": "ppo"}, "--adv must be 'ifpo' or 'grpo'"),
+    ],
+)
+def test_settings_that_crash_or_cannot_learn_are_refused_before_anything_loads(
+    setting, message, tiny_model_dir, tmp_path, monkeypatch, no_model
+):
+    monkeypatch.setattr(
+        plumbing, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before checking settings")
+    )
     (tmp_path / "log.jsonl").write_text('{"stage": "rl", "step": 1}\n')
     with pytest.raises(SystemExit, match=message):
         train.main(rl_args(tiny_model_dir, tmp_path, **setting))
@@ -524,20 +552,32 @@ def test_output_dir_naming_a_file_is_refused(tiny_model_dir, tmp_path, no_model)
 
 
 def test_a_refusal_is_one_line_without_a_traceback(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--group_size", "1", "--output_dir", str(tmp_path)],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--group_size", "1", "--output_dir", str(tmp_path)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "--group_size must be at least 2" in done.stderr
+    assert (
+        done.stderr.strip().splitlines() == [done.stderr.strip()]
+        and "--group_size must be at least 2" in done.stderr
+    )
 
 
-@pytest.mark.parametrize("name", ["./no-such-model", "runs/no/such/model", "/no/such/model", "~/no-such-model"])
+@pytest.mark.parametrize(
+    "name", ["./no-such-model", "runs/no/such/model", "/no/such/model", "~/no-such-model"]
+)
 def test_a_local_model_folder_that_does_not_exist_is_named(name, tmp_path, no_model):
     with pytest.raises(SystemExit, match=f"^no such model folder: {name}$"):
         train.main(rl_args(name, tmp_path))
 
 
 def test_a_model_name_the_hub_cannot_serve_offline_may_be_a_mistyped_folder(tmp_path, no_model):
-    with pytest.raises(SystemExit, match="no such model folder: no-owner/no-model; as a hub id it did not load either"):
+    with pytest.raises(
+        SystemExit, match="no such model folder: no-owner/no-model; as a hub id it did not load either"
+    ):
         train.main(rl_args("no-owner/no-model", tmp_path))
 
 
@@ -560,7 +600,9 @@ def save_rl_checkpoint(tiny_model_dir, folder, step):
     model, tok = plumbing.load_policy(tiny_model_dir)
     optimizer = train.make_optimizer(model, 1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    plumbing.save_checkpoint(Accelerator(cpu=True), model, tok, folder, {"stage": "rl", "step": step}, optimizer, scheduler)
+    plumbing.save_checkpoint(
+        Accelerator(cpu=True), model, tok, folder, {"stage": "rl", "step": step}, optimizer, scheduler
+    )
 
 
 def truncate(path):
@@ -568,12 +610,16 @@ def truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_a_damaged_checkpoint_is_named_and_resume_auto_takes_the_previous_one(tiny_model_dir, tmp_path, capsys, request):
+def test_a_damaged_checkpoint_is_named_and_resume_auto_takes_the_previous_one(
+    tiny_model_dir, tmp_path, capsys, request
+):
     for step in (2, 4):
         save_rl_checkpoint(tiny_model_dir, tmp_path / f"checkpoint-{step}", step)
     truncate(tmp_path / "checkpoint-4/model.safetensors")
     request.getfixturevalue("no_model")  # from here on
-    with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint-4: model.safetensors is damaged.*--resume auto"):
+    with pytest.raises(
+        SystemExit, match=r"cannot resume from .*checkpoint-4: model.safetensors is damaged.*--resume auto"
+    ):
         train.main(rl_args(tiny_model_dir, tmp_path, resume=str(tmp_path / "checkpoint-4")))
     assert plumbing.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     assert "skipping damaged checkpoint" in capsys.readouterr().out
@@ -581,46 +627,81 @@ def test_a_damaged_checkpoint_is_named_and_resume_auto_takes_the_previous_one(ti
     assert plumbing.latest_checkpoint(tmp_path) is None
 
 
-def test_resume_auto_falls_back_and_the_log_keeps_one_row_per_step(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+def test_resume_auto_falls_back_and_the_log_keeps_one_row_per_step(
+    tiny_model_dir, tokenizer, tmp_path, monkeypatch
+):
     install_scripted_generation(monkeypatch, tokenizer, deterministic=False)
     train.main(rl_args(tiny_model_dir, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     truncate(tmp_path / "checkpoint-3/model.safetensors")
-    train.main(rl_args(tiny_model_dir, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2, resume="auto"))
-    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]  # steps 3 and 4 redone from checkpoint-2, logged once
+    train.main(
+        rl_args(tiny_model_dir, tmp_path, max_steps=4, save_every=1, keep_checkpoints=2, resume="auto")
+    )
+    assert [r["step"] for r in read_log(tmp_path)] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # steps 3 and 4 redone from checkpoint-2, logged once
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"prompt": 3, "label": "harmful"}], "row 1: the prompt must be a non-empty string, not 3"),
-    ([{"prompt": ["a", "b"], "label": "harmful"}], r"row 1: the prompt must be a non-empty string, not \['a', 'b'\]"),
-    ([{"prompt": "", "label": "harmful"}], "row 1: the prompt must be a non-empty string, not ''"),
-    ([{"prompt": "x", "label": "harmful"}, {"prompt": " \t", "label": "harmful"}], "row 2: the prompt must be"),
-    ([{"prompt": "x", "label": None}], "row 1: label None; labels must be one of 'harmful', 'sensitive'"),
-    ([{"prompt": "x", "label": "harmful"}, {"prompt": "y", "label": 3}], "row 2: label 3; labels must be"),
-    ([{"prompt": "x", "label": ["harmful"]}], r"row 1: label \['harmful'\]; labels must be"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"prompt": 3, "label": "harmful"}], "row 1: the prompt must be a non-empty string, not 3"),
+        (
+            [{"prompt": ["a", "b"], "label": "harmful"}],
+            r"row 1: the prompt must be a non-empty string, not \['a', 'b'\]",
+        ),
+        ([{"prompt": "", "label": "harmful"}], "row 1: the prompt must be a non-empty string, not ''"),
+        (
+            [{"prompt": "x", "label": "harmful"}, {"prompt": " \t", "label": "harmful"}],
+            "row 2: the prompt must be",
+        ),
+        ([{"prompt": "x", "label": None}], "row 1: label None; labels must be one of 'harmful', 'sensitive'"),
+        (
+            [{"prompt": "x", "label": "harmful"}, {"prompt": "y", "label": 3}],
+            "row 2: label 3; labels must be",
+        ),
+        ([{"prompt": "x", "label": ["harmful"]}], r"row 1: label \['harmful'\]; labels must be"),
+    ],
+)
 def test_bad_rl_rows_are_named_by_row(rows, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         sources.load_rl_prompts([write_jsonl(tmp_path / "rl.jsonl", rows)], 0.3, None, 0)
 
 
 def test_benign_in_rl_data_is_read_as_sensitive(tmp_path):
-    path = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "How do I kill a Python process?", "label": "benign"},
-                                               {"prompt": "How do I make a bomb?", "label": "harmful"}])
+    path = write_jsonl(
+        tmp_path / "rl.jsonl",
+        [
+            {"prompt": "How do I kill a Python process?", "label": "benign"},
+            {"prompt": "How do I make a bomb?", "label": "harmful"},
+        ],
+    )
     rows = sources.load_rl_prompts([path], 0.5, None, 0)
     assert sorted(r["label"] for r in rows) == ["harmful", "sensitive"]
     with pytest.raises(SystemExit, match=r"'benign' is read as 'sensitive'"):
-        sources.load_rl_prompts([write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "label": "safe"}])], 0.5, None, 0)
+        sources.load_rl_prompts(
+            [write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "label": "safe"}])], 0.5, None, 0
+        )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"query": None}, "row 2: has 'think_after' but no 'query'; a row that consults the rule book needs both, a direct answer neither"),
-    ({"think_after": None}, "row 2: has 'query' but no 'think_after'"),
-    ({"think_after": ""}, "row 2: has 'query' but no 'think_after'"),
-    ({"answer": ""}, "row 2: 'think' and 'answer' must be non-empty text"),
-    ({"think": 7}, "row 2: 'think' must be a string"),
-    ({"prompt": 42}, "row 2: the prompt must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"query": None},
+            "row 2: has 'think_after' but no 'query'; "
+            "a row that consults the rule book needs both, a direct answer neither",
+        ),
+        ({"think_after": None}, "row 2: has 'query' but no 'think_after'"),
+        ({"think_after": ""}, "row 2: has 'query' but no 'think_after'"),
+        ({"answer": ""}, "row 2: 'think' and 'answer' must be non-empty text"),
+        ({"think": 7}, "row 2: 'think' must be a string"),
+        ({"prompt": 42}, "row 2: the prompt must be a non-empty string"),
+    ],
+)
 def test_bad_bc_rows_are_named_by_row(change, message, tmp_path, rule_book):
     path = write_jsonl(tmp_path / "bc.jsonl", [SEED_DIRECT_ROW, {**SEED_TOOL_ROW, **change}])
     with pytest.raises(SystemExit, match=message):
@@ -644,10 +725,18 @@ def test_the_prompt_length_rule_leaves_room_for_one_full_turn(tokenizer, capsys)
 
 
 def test_over_long_rl_and_bc_prompts_are_dropped_at_load_with_a_count(tokenizer, rule_book, tmp_path, capsys):
-    rl = [{"prompt": f"short question {i}", "label": "harmful"} for i in range(4)] + [{"prompt": "long " * 300, "label": "sensitive"}]
+    rl = [{"prompt": f"short question {i}", "label": "harmful"} for i in range(4)] + [
+        {"prompt": "long " * 300, "label": "sensitive"}
+    ]
     bc = [SEED_DIRECT_ROW, {**SEED_TOOL_ROW, "prompt": "long " * 300}]
-    args = train.Args(stage="all", rl_data=[write_jsonl(tmp_path / "rl.jsonl", rl)], bc_data=write_jsonl(tmp_path / "bc.jsonl", bc),
-                      harmful_fraction=0.0, max_new_tokens=64, max_total_tokens=256)
+    args = train.Args(
+        stage="all",
+        rl_data=[write_jsonl(tmp_path / "rl.jsonl", rl)],
+        bc_data=write_jsonl(tmp_path / "bc.jsonl", bc),
+        harmful_fraction=0.0,
+        max_new_tokens=64,
+        max_total_tokens=256,
+    )
     samples, prompts = train.load_data(args, ascl.ChatFormat(tokenizer), rule_book, False, 1)
     assert len(prompts) == 4 and len(samples) == 1  # the direct answer is one sample
     out = capsys.readouterr().out
@@ -664,13 +753,17 @@ def test_bc_samples_too_long_for_the_budget_are_counted(tokenizer, rule_book, ca
 
 
 def test_stage_all_checks_the_rl_data_before_behaviour_cloning(tiny_model_dir, tmp_path, no_model):
-    bad = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "x", "label": "harmful"}, {"prompt": None, "label": "harmful"}])
+    bad = write_jsonl(
+        tmp_path / "rl.jsonl", [{"prompt": "x", "label": "harmful"}, {"prompt": None, "label": "harmful"}]
+    )
     with pytest.raises(SystemExit, match="rl.jsonl: row 2: the prompt must be"):
         train.main(rl_args(tiny_model_dir, tmp_path / "out", stage="all", rl_data=[bad]))
     assert not (tmp_path / "out").exists()
 
 
-def test_too_few_rl_prompts_for_one_step_are_refused_before_the_model_loads(tiny_model_dir, tmp_path, no_model):
+def test_too_few_rl_prompts_for_one_step_are_refused_before_the_model_loads(
+    tiny_model_dir, tmp_path, no_model
+):
     one = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "x", "label": "harmful"}])
     with pytest.raises(SystemExit, match="1 RL prompts, fewer than one step needs"):
         train.main(rl_args(tiny_model_dir, tmp_path / "out", rl_data=[one]))
@@ -698,19 +791,30 @@ print(rss() - start)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists() or not plumbing.return_freed_memory(), reason="glibc on Linux")
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or not plumbing.return_freed_memory(), reason="glibc on Linux"
+)
 def test_freed_tensors_go_back_to_the_os(tmp_path):
     """With glibc's default, the freed 16 MiB tensors stay in the process (RSS grows far past the
     80 MiB kept); with return_freed_memory they are returned."""
+
     def growth(mode):
-        out = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, mode], cwd=ROOT, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", FREED_MEMORY_PROBE, mode],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=True,
+        )
         return int(out.stdout.split()[-1])
 
     assert growth("fixed") < 120 < growth("default")
 
 
-def test_zero_advantage_rollouts_are_left_out_of_the_update_with_the_same_result(tokenizer, rule_book, monkeypatch):
+def test_zero_advantage_rollouts_are_left_out_of_the_update_with_the_same_result(
+    tokenizer, rule_book, monkeypatch
+):
     """Without a KL term a rollout whose advantage is 0 adds nothing to the loss or the gradients:
     the update leaves it out and reaches the same weights, also on a step where every advantage
     is 0 (AdamW's momentum still moves the weights, which needs zero gradients, not none)."""
@@ -723,31 +827,185 @@ def test_zero_advantage_rollouts_are_left_out_of_the_update_with_the_same_result
         trajs.append(ascl.Trajectory(SEED_TOOL_ROW["prompt"], "harmful", ids, mask, turns=t, tool_results=r))
     steps = [torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0]), torch.zeros(6)]
     args = train.Args(group_size=3, micro_batch_size=2, lr=1e-2, warmup=0.0)
-    ran, logprobs = [], train.rollout_logprobs
-    monkeypatch.setattr(train, "rollout_logprobs", lambda m, t, idx, pad, prompt_model: ran.append(list(idx))
-                        or logprobs(m, t, idx, pad, prompt_model))
+    ran, batches = [], train.update_batches
+    monkeypatch.setattr(
+        train, "update_batches", lambda a, adv: ran.extend(batches(a, adv)) or batches(a, adv)
+    )
 
     def train_two_steps():
         model = make_tiny_model(len(tokenizer))
         optimizer = train.make_optimizer(model, args.lr)
-        stats = [train.policy_update(args, Accelerator(cpu=True), model, optimizer, trajs, adv, chat.pad_id)
-                 for adv in steps]
+        stats = [
+            train.policy_update(args, Accelerator(cpu=True), model, optimizer, trajs, adv, chat.pad_id)
+            for adv in steps
+        ]
         return stats, dict(model.named_parameters())
 
     skipped, skipped_weights = train_two_steps()
     assert ran == [[0, 2], [0]]  # step 1: the nonzero rollouts; step 2: one, for the zero gradients
     assert [s["updated_rollouts"] for s in skipped] == [2 / 6, 1 / 6]
     # with a KL term every rollout has a gradient: none is left out
-    assert train.update_batches(train.Args(group_size=3, micro_batch_size=3, beta=0.1), steps[1]) == [[0, 1, 2],
-                                                                                                     [3, 4, 5]]
+    assert train.update_batches(train.Args(group_size=3, micro_batch_size=3, beta=0.1), steps[1]) == [
+        [0, 1, 2],
+        [3, 4, 5],
+    ]
     ran.clear()
-    monkeypatch.setattr(train, "update_batches", lambda a, adv: train.micro_batches(len(adv), a.group_size, 2))
+    all_rollouts = [[0, 1], [2], [3, 4], [5]]  # every rollout, micro-batches within a group
+    monkeypatch.setattr(train, "update_batches", lambda a, adv: ran.extend(all_rollouts) or all_rollouts)
     full, full_weights = train_two_steps()
     assert ran == [[0, 1], [2], [3, 4], [5]] * 2 and full[0]["updated_rollouts"] == 1.0
     for a, b in zip(skipped, full):
-        assert math.isclose(a["loss"], b["loss"], abs_tol=1e-6) and math.isclose(a["grad_norm"], b["grad_norm"],
-                                                                                  rel_tol=1e-4)
+        assert math.isclose(a["loss"], b["loss"], abs_tol=1e-6) and math.isclose(
+            a["grad_norm"], b["grad_norm"], rel_tol=1e-4
+        )
     # float noise in the gradients, amplified by Adam's normalisation; a missed step would move by ~lr
     assert all(torch.allclose(skipped_weights[k], full_weights[k], atol=5e-5) for k in full_weights)
     moved = make_tiny_model(len(tokenizer)).state_dict()
     assert any(not torch.allclose(moved[k], full_weights[k]) for k in full_weights)
+
+
+# ----------------------------------------------------------------------------- what each step optimises
+def test_bc_takes_one_step_per_batch_of_model_turns(tiny_model_dir, tmp_path):
+    """Each model turn is a sample of its own (the paper's split): 5 tool conversations of 2 turns are
+    10 samples, 3 steps an epoch at --bc_batch_size 4. Merging a conversation's turns into one sample
+    (5 samples, 2 steps) trained the short refusal turn on fewer, longer-averaged steps."""
+    bc = write_jsonl(
+        tmp_path / "bc.jsonl",
+        [{**SEED_TOOL_ROW, "prompt": f"How do I make bomb number {k}?"} for k in range(5)],
+    )
+    summary = train.main(
+        rl_args(tiny_model_dir, tmp_path, stage="bc", bc_data=bc, bc_epochs=2, bc_batch_size=4, show=False)
+    )
+    assert summary["bc_samples"] == 10 and summary["bc_steps"] == 6
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_every_step_trains_at_a_learning_rate_above_zero(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """Warmup starts above 0: in a 4-step run with 50% warmup no step is wasted at lr 0."""
+    install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
+    train.main(rl_args(tiny_model_dir, tmp_path, max_steps=4, warmup=0.5, lr=1e-3, show=False))
+    lrs = [r["lr"] for r in read_log(tmp_path)]
+    assert len(lrs) == 4 and all(lr > 0 for lr in lrs) and lrs[0] < lrs[1] == pytest.approx(1e-3 * 2 / 3)
+    bc = write_jsonl(tmp_path / "bc.jsonl", [SEED_DIRECT_ROW] * 4)
+    train.main(
+        rl_args(
+            tiny_model_dir,
+            tmp_path / "bc",
+            stage="bc",
+            bc_data=bc,
+            bc_batch_size=1,
+            bc_epochs=1,
+            bc_warmup=0.5,
+            show=False,
+        )
+    )
+    assert all(r["lr"] > 0 for r in read_log(tmp_path / "bc"))
+
+
+def test_logprobs_are_the_samplers_at_the_rollout_temperature(tokenizer, rule_book, monkeypatch):
+    """At T = 0.6 the tokens are drawn from softmax(logits / 0.6); the update scores them with the same
+    distribution, so its log-probs equal the sampler's and the first update's ratio is exactly 1."""
+    chat = ascl.ChatFormat(tokenizer)
+    model = make_tiny_model(len(tokenizer))
+    scores, generate = [], model.generate
+
+    def generate_with_scores(**kw):
+        out = generate(**kw, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores, 1).log_softmax(-1))  # (B, new, V): what was sampled from
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate_with_scores)
+    torch.manual_seed(0)
+    trajs = ascl.rollout(
+        model,
+        chat,
+        rule_book,
+        ["Hi", "Tell me about locks"],
+        ["sensitive"] * 2,
+        group_size=2,
+        max_new_tokens=6,
+        temperature=0.6,
+    )
+    ids, attention, action = ascl.pad_batch(
+        [t.input_ids for t in trajs], [t.action_mask for t in trajs], chat.pad_id
+    )
+    lp, mask = ascl.token_logprobs(model, ids, attention, action, temperature=0.6)
+    plain, _ = ascl.token_logprobs(model, ids, attention, action)  # T = 1: another policy
+    for i, t in enumerate(trajs):
+        start = len(chat.prompt_ids(t.prompt))
+        new = t.input_ids[start:]
+        sampled = scores[0][i, torch.arange(len(new)), torch.tensor(new)]
+        assert torch.allclose(lp[i, start - 1 : start - 1 + len(new)], sampled, atol=1e-4)
+        assert not torch.allclose(plain[i, start - 1 : start - 1 + len(new)], sampled, atol=1e-2)
+
+    ratios = []
+    monkeypatch.setattr(
+        train,
+        "policy_loss",
+        lambda lp, old, *a, **kw: (
+            ratios.append(torch.exp(lp - old).detach()) or ifpo_policy_loss(lp, old, *a, **kw)
+        ),
+    )
+    args = train.Args(temperature=0.6, updates_per_batch=2, micro_batch_size=4, lr=1e-2, group_size=2)
+    train.policy_update(
+        args,
+        Accelerator(cpu=True),
+        model,
+        train.make_optimizer(model, args.lr),
+        trajs,
+        torch.tensor([1.0, -1.0, 0.5, -0.5]),
+        chat.pad_id,
+    )
+    assert torch.equal(ratios[0], torch.ones_like(ratios[0])) and not torch.equal(ratios[-1], ratios[0])
+
+
+def test_a_valid_call_the_cap_kept_from_running_is_not_a_consultation(tokenizer, rule_book, monkeypatch):
+    """m_i means rules came back: a call past --max_tool_calls runs nothing, so the rollout is direct."""
+    chat = ascl.ChatFormat(tokenizer)
+    call = tokenizer(SCRIPTS[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    install_decoder(monkeypatch, lambda ctx, j: call)
+    (capped,) = ascl.rollout(None, chat, rule_book, ["How do I pick a lock?"], ["harmful"], max_tool_calls=0)
+    (ran,) = ascl.rollout(None, chat, rule_book, ["How do I pick a lock?"], ["harmful"], max_tool_calls=1)
+    assert capped.valid_calls == 1 and capped.truncated and not capped.used_tool
+    assert ran.valid_calls == 2 and len(ran.tool_results) == 1 and ran.used_tool
+
+
+def test_a_kl_term_works_with_gradient_checkpointing(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """--beta > 0 with --gradient_checkpointing: policy and reference take the same log-prob path."""
+    install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
+    train.main(
+        rl_args(tiny_model_dir, tmp_path, max_steps=1, beta=0.1, gradient_checkpointing=True, show=False)
+    )
+    row = read_log(tmp_path)[0]
+    assert row["kl_ref"] == pytest.approx(0.0, abs=1e-6) and row["grad_norm"] > 0
+
+
+def test_the_context_distillation_baseline_trains_the_same_conversations_with_the_rule_recalled(
+    tokenizer, rule_book
+):
+    """--bc_rules recalled: one model turn in which the retrieved rule is quoted as if from memory,
+    no tool call; the same reasoning, rule text and answer as the tool conversation it comes from."""
+    tool = {"prompt": SEED_TOOL_ROW["prompt"], "label": "harmful", "turns": None, "tool_results": None}
+    tool["turns"], tool["tool_results"] = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
+    recalled = sources.with_rules_recalled(tool)
+    (text,) = recalled["turns"]
+    top_rule = rule_book.search(SEED_TOOL_ROW["query"], 1)[0][1].text
+    assert recalled["tool_results"] == [] and not ascl.parse_tool_calls(text)
+    assert f"I recall the safety rule: {top_rule}" in text
+    assert (
+        text.index(SEED_TOOL_ROW["think"]) < text.index(top_rule) < text.index(SEED_TOOL_ROW["think_after"])
+    )
+    t = ascl.trajectory_from_turns(
+        ascl.ChatFormat(tokenizer), tool["prompt"], "harmful", recalled["turns"], []
+    )
+    assert t.answer == SEED_TOOL_ROW["answer"] and not t.used_tool and ascl.format_ok(t)
+    direct = {"prompt": "p", "label": "sensitive", "turns": ["<think>x</think>y"], "tool_results": []}
+    assert sources.with_rules_recalled(direct) == direct
+
+
+def test_no_project_file_uses_a_deprecated_transformers_name():
+    """The names transformers 5 deprecates (removed in 5.40 / v6) appear in no project file."""
+    deprecated = ("past_key_values=", "is_gradient_checkpointing", "gradient_checkpointing_enable(")
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("experiments/*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert not [name for name in deprecated if name in text], path.name
