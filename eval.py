@@ -1,4 +1,4 @@
-"""Evaluate models on safety, over-refusal and reasoning benchmarks (METHOD.md section 6).
+"""Evaluate models on safety, over-refusal and reasoning benchmarks (docs/method.md section 6).
 
     python eval.py                                     # embedded SmolLM2-135M on the bundled offline sets
     python eval.py --model embedded --model outputs/run/final --limit 20
@@ -30,6 +30,7 @@ prompt) are dropped with a printed count; the same prompts are kept for every mo
 Outputs: OUTPUT_DIR/results.json (the table) and OUTPUT_DIR/samples-<model>.jsonl (every rollout), both
 rewritten after each benchmark, so a failure later keeps what was scored ("complete": false until the end).
 """
+
 from __future__ import annotations
 
 import gc
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, set_seed
 
 import ascl
+import guard
 import plumbing
 import sources
 from scoring import answers_match, extract_answer, final_text, format_table, score, summarise
@@ -53,20 +55,38 @@ DEFAULT_DATA = [str(HERE / f"data/eval_{kind}.jsonl") for kind in ("harmful", "b
 
 @dataclass
 class Args:
-    model: list[str] = field(default_factory=list, metadata={
-        "action": "extend",  # both --model A B and --model A --model B
-        "help": "hub ids, local folders or .gguf files; 'embedded' = SmolLM2-135M (the default)"})
-    data: list[str] = field(default_factory=list, metadata={
-        "action": "extend",
-        "help": "benchmark names (see BENCHMARKS), NAME=FILE, or local .jsonl files; default: data/eval_*.jsonl"})
+    model: list[str] = field(
+        default_factory=list,
+        metadata={
+            "action": "extend",  # both --model A B and --model A --model B
+            "help": "hub ids, local folders or .gguf files; 'embedded' = SmolLM2-135M (the default)",
+        },
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "action": "extend",
+            "help": (
+                "benchmark names (see BENCHMARKS), NAME=FILE, or local .jsonl files; "
+                "default: data/eval_*.jsonl"
+            ),
+        },
+    )
     output_dir: str = "outputs/eval"
-    judge: str = field(default="offline", metadata={"help": "offline | a Qwen3Guard-Gen hub id (paper: Qwen/Qwen3Guard-Gen-8B)"})
+    judge: str = field(
+        default="offline",
+        metadata={"help": "offline | a Qwen3Guard-Gen hub id (paper: Qwen/Qwen3Guard-Gen-8B)"},
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "per model turn"})
     max_tool_calls: int = 2
     max_total_tokens: int = 2048
-    batch_size: int = 16
+    batch_size: int = field(
+        default=16, metadata={"help": "rollouts decoded together, answers judged together"}
+    )
     limit: int | None = field(default=None, metadata={"help": "first N rows of each benchmark; default: all"})
-    math_samples: int = field(default=1, metadata={"help": "k of avg@k on math sets; 1 = greedy (paper: 16 MATH-500, 8 GSM8K)"})
+    math_samples: int = field(
+        default=1, metadata={"help": "k of avg@k on math sets; 1 = greedy (paper: 16 MATH-500, 8 GSM8K)"}
+    )
     temperature: float = field(default=0.6, metadata={"help": "math sampling, used when math_samples > 1"})
     top_p: float = 0.95
     seed: int = 0
@@ -83,13 +103,24 @@ def evaluate(model, chat, rule_book, judge, bench: str, rows: list[dict], args: 
     k = args.math_samples if is_math else 1
     sampled = k > 1  # greedy for safety and over-refusal, and for math at k = 1
     samples = []
-    for s in range(0, len(rows), args.batch_size):
-        chunk = rows[s:s + args.batch_size]
+    per_call = max(1, args.batch_size // k)  # prompts per rollout call: at most batch_size rollouts at once
+    for s in range(0, len(rows), per_call):
+        chunk = rows[s : s + per_call]
         prompts = [r["prompt"] + MATH_INSTRUCTION if is_math else r["prompt"] for r in chunk]
-        trajs = ascl.rollout(model, chat, rule_book, prompts, [label] * len(chunk), group_size=k,
-                             max_new_tokens=args.max_new_tokens, max_tool_calls=args.max_tool_calls,
-                             max_total_tokens=args.max_total_tokens, do_sample=sampled,
-                             temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size)
+        trajs = ascl.rollout(
+            model,
+            chat,
+            rule_book,
+            prompts,
+            [label] * len(chunk),
+            group_size=k,
+            max_new_tokens=args.max_new_tokens,
+            max_tool_calls=args.max_tool_calls,
+            max_total_tokens=args.max_total_tokens,
+            do_sample=sampled,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
         rows_k = [r for r in chunk for _ in range(k)]  # trajectories are grouped by prompt
         if is_math:
             verdicts = [None] * len(trajs)  # reasoning is scored by its answer, not by the judge
@@ -100,14 +131,24 @@ def evaluate(model, chat, rule_book, judge, bench: str, rows: list[dict], args: 
             verdicts = judge([r["prompt"] for r in rows_k], shown, [label] * len(trajs))
         for r, t, v in zip(rows_k, trajs, verdicts):
             extracted = extract_answer(final_text(t)) if is_math else None
-            samples.append({
-                "benchmark": bench, "prompt": r["prompt"], "label": label, "answer": t.answer,
-                "safe": v.safe if v else None, "refused": v.refused if v else None,
-                "gold": r.get("answer"), "extracted": extracted,
-                "correct": answers_match(extracted, r["answer"]) if is_math else None,
-                "used_tool": t.used_tool, "num_tool_calls": t.num_tool_calls, "truncated": t.truncated,
-                "response_tokens": sum(t.action_mask), "messages": chat.messages(t.prompt, t.turns, t.tool_results),
-            })
+            samples.append(
+                {
+                    "benchmark": bench,
+                    "prompt": r["prompt"],
+                    "label": label,
+                    "answer": t.answer,
+                    "safe": v.safe if v else None,
+                    "refused": v.refused if v else None,
+                    "gold": r.get("answer"),
+                    "extracted": extracted,
+                    "correct": answers_match(extracted, r["answer"]) if is_math else None,
+                    "used_tool": t.used_tool,
+                    "num_tool_calls": t.num_tool_calls,
+                    "truncated": t.truncated,
+                    "response_tokens": sum(t.action_mask),
+                    "messages": chat.messages(t.prompt, t.turns, t.tool_results),
+                }
+            )
         bar.update(len(chunk))
     return samples
 
@@ -118,21 +159,27 @@ def model_tag(name: str) -> str:
 
 
 def check_settings(args: Args):
-    """Refuse, in one line, settings that would crash mid-run; before any data or model loads."""
+    """Refuse, in one line, settings that would crash mid-run and models that cannot load (a missing
+    folder, a file given as a folder, a judge that is neither 'offline', a folder nor a hub id);
+    before any data or model loads. The data files are checked next (sources.load_benchmarks)."""
     if args.math_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise SystemExit("--math_samples, --batch_size and --limit must be at least 1")
     if not 0 < args.max_new_tokens < args.max_total_tokens:
-        raise SystemExit("--max_new_tokens must be at least 1 and below --max_total_tokens (a prompt needs room "
-                         "for one full turn)")
+        raise SystemExit(
+            "--max_new_tokens must be at least 1 and below --max_total_tokens (a prompt needs room "
+            "for one full turn)"
+        )
     if args.max_tool_calls < 0:
         raise SystemExit("--max_tool_calls must be 0 or more")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise SystemExit(f"--output_dir {args.output_dir} is a file; give a folder")
+    plumbing.check_output(args.output_dir, "--output_dir", folder=True)
     if args.math_samples > 1 and not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise SystemExit("sampling math answers needs --temperature > 0 and 0 < --top_p <= 1")
     tags = [model_tag(m) for m in args.model]
     if len(set(tags)) < len(tags):
         raise SystemExit(f"two --model entries share an output name: {args.model}")
+    for name in args.model:
+        plumbing.check_model(None if name == "embedded" else name)
+    plumbing.check_judge(args.judge)
 
 
 def fit_prompts(benchmarks: dict[str, list[dict]], chats: dict[str, ascl.ChatFormat], args: Args) -> dict:
@@ -141,16 +188,19 @@ def fit_prompts(benchmarks: dict[str, list[dict]], chats: dict[str, ascl.ChatFor
     for name, chat in chats.items():
         for bench, rows in benchmarks.items():
             suffix = MATH_INSTRUCTION if rows[0]["label"] == "math" else ""
-            benchmarks[bench] = plumbing.drop_long_prompts(rows, chat, args.max_new_tokens, args.max_total_tokens,
-                                                       f"{bench} ({name})", suffix)
+            benchmarks[bench] = plumbing.drop_long_prompts(
+                rows, chat, args.max_new_tokens, args.max_total_tokens, f"{bench} ({name})", suffix
+            )
     return benchmarks
 
 
 def save_results(out: Path, args: Args, results: dict, complete: bool):
     """results.json, rewritten atomically after every benchmark: a later failure loses nothing scored.
     "complete" is false until every model has answered every benchmark."""
-    plumbing.write_atomic(out / "results.json", json.dumps({"settings": asdict(args), "complete": complete,
-                                                        "models": results}, indent=2))
+    plumbing.write_atomic(
+        out / "results.json",
+        json.dumps({"settings": asdict(args), "complete": complete, "models": results}, indent=2),
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -159,19 +209,24 @@ def main(args: Args) -> dict:
     args.data = args.data or DEFAULT_DATA
     check_settings(args)
     benchmarks = sources.load_benchmarks(args.data, args.limit)  # bad data stops us before any model loads
-    chats = {name: ascl.ChatFormat(plumbing.load_tokenizer(None if name == "embedded" else name)) for name in args.model}
+    chats = {
+        name: ascl.ChatFormat(plumbing.load_tokenizer(None if name == "embedded" else name))
+        for name in args.model
+    }
     benchmarks = fit_prompts(benchmarks, chats, args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    judge = ascl.make_judge(args.judge, device, args.batch_size)
+    judge = guard.make_judge(args.judge, device, args.batch_size)
     rule_book = ascl.RuleBook.from_json()
 
     results = {}
     for name, chat in chats.items():
         tqdm.write(f"loading {name}")
-        model = plumbing.load_model(None if name == "embedded" else name,
-                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = plumbing.load_model(
+            None if name == "embedded" else name,
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        )
         model.to(device)
         set_seed(args.seed)  # every model sees the same sampling randomness
         scores, samples = {}, []
@@ -181,8 +236,10 @@ def main(args: Args) -> dict:
             scores[bench] = score(s, rows[0]["label"], len(rows))
             samples += s
             results[name] = summarise(scores)
-            plumbing.write_atomic(out / f"samples-{model_tag(name)}.jsonl",
-                              "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples))
+            plumbing.write_atomic(
+                out / f"samples-{model_tag(name)}.jsonl",
+                "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in samples),
+            )
             save_results(out, args, results, complete=False)
         del model
         gc.collect()

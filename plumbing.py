@@ -1,21 +1,23 @@
 """Plumbing, not the method: data files, model loading, checkpoints, RNG state and logs.
 
 ascl.py holds the method; train.py and eval.py use this for everything around it:
-  read_jsonl, write_atomic, check_row, drop_long_prompts   data files and rows, checked
+  arg                                                       a settings field with its --help text
+  read_text, read_jsonl, write_atomic, check_row, ...       data files and rows, checked
+  check_model, check_judge, check_output                    models and output paths, checked before any work
   load_tokenizer, load_model, load_policy                   hub id, local folder or .gguf file
   save_checkpoint, latest_checkpoint, restore_rng, ...      atomic, resumable checkpoints
   return_freed_memory                                       host memory that does not creep up
-  HeadLogprobs, length_runs                                 the output layer in chunks; passes by length
 """
+
 from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import random
 import re
 import shutil
+from dataclasses import field
 from pathlib import Path
 
 import torch
@@ -39,135 +41,51 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- batching
-# padding positions worth one more pass over a group's continuations. On a CPU a pass's fixed
-# cost is the weight gradients it writes and adds (as many as the model's parameters) and the
-# lower speed of thinner matmuls: about 128 positions (chosen by timing bench_rl_step's update
-# with one pass per group, 64 and 128; redo with its --split-cost). On a GPU positions are almost
-# free and a pass costs its kernel launches: splitting all but off (not measured here).
-SPLIT_COST = {"cpu": 128, "other": 4096}
-
-
-def length_runs(lengths: list[int], device_type: str = "cpu", split_cost: int | None = None) -> list[list[int]]:
-    """Row indices in runs of similar length, shortest run first, that minimise the positions
-    run (each run padded to its longest) plus split_cost (default: SPLIT_COST of the device) per run.
-
-    >>> length_runs([100, 30, 35, 98], split_cost=32)
-    [[2, 1], [0, 3]]
-    >>> length_runs([100, 30, 35, 98], split_cost=200)
-    [[0, 3, 2, 1]]
-    """
-    if split_cost is None:
-        split_cost = SPLIT_COST.get(device_type, SPLIT_COST["other"])
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    best, start = [0] + [math.inf] * len(order), [0] * (len(order) + 1)  # best cost of the first j, its last run
-    for j in range(1, len(order) + 1):
-        for i in range(j):
-            cost = best[i] + split_cost + (j - i) * lengths[order[i]]
-            if cost < best[j]:
-                best[j], start[j] = cost, i
-    runs, j = [], len(order)
-    while j:
-        runs.append(order[start[j]:j])
-        j = start[j]
-    return runs
-
-
-# ----------------------------------------------------------------------------- the output layer in chunks
-# float32 logits per chunk: 170 positions of SmolLM2's 49k vocabulary
-HEAD_CHUNK_BYTES = 32 << 20
-# model types whose causal-LM forward returns its output layer's logits unchanged (no soft-capping or
-# scaling after it: read in transformers' modeling files); other models keep their own head code
-PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "smollm3",
-                     "gemma", "olmo2"}
-
-
-def head_is_plain(model) -> bool:
-    """Whether the model's logits are just its output layer's output, a torch.nn.Linear."""
-    return (getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
-            and type(model.get_output_embeddings()) is torch.nn.Linear)
-
-
-class HeadLogprobs(torch.autograd.Function):
-    """log p(target) and the entropy of p (no gradient) of hidden states (N, d) through a linear
-    output layer, a chunk of positions at a time, in the forward and again in the backward.
-
-    The plain way (logits = head(hidden); log_softmax; gather) keeps the (N, V) logits for the
-    backward and makes two or three more (N, V) tensors in it: about 200 KB per trained token each
-    for a 49k vocabulary in float32, most of BC's memory above weights and optimizer state. Here at
-    most a chunk's logits exist at once; the price is the output layer's matmul run once more in the
-    backward. The same values and gradients as the plain way (tests/test_train.py). Autocast: the
-    backward recomputes under the forward's autocast state.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, entropy: bool):
-        device = hidden.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        chunk = max(1, HEAD_CHUNK_BYTES // (4 * weight.shape[0]))
-        picked, lses, hs = [], [], []
-        for start in range(0, hidden.shape[0], chunk):
-            logits = torch.nn.functional.linear(hidden[start:start + chunk], weight, bias).float()
-            lse = logits.logsumexp(-1)
-            lses.append(lse)
-            picked.append(logits.gather(1, targets[start:start + chunk, None]).squeeze(1) - lse)
-            if entropy:
-                hs.append(lse - (logits.softmax(-1) * logits).sum(-1))
-        lse = torch.cat(lses) if lses else hidden.new_zeros(0, dtype=torch.float32)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk = chunk
-        h = torch.cat(hs) if hs else None
-        if h is not None:
-            ctx.mark_non_differentiable(h)
-        return torch.cat(picked) if picked else lse.clone(), h
-
-    @staticmethod
-    def backward(ctx, grad_picked, _grad_entropy):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
-        device, dtype, enabled = ctx.autocast
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            end = start + ctx.chunk
-            h, g = hidden[start:end], grad_picked[start:end, None].float()
-            with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's logits again
-                logits = torch.nn.functional.linear(h, weight, bias).float()
-            # d log p(t) / d logits = onehot(t) - softmax(logits); the matmuls below in the weights' dtype
-            grad_logits = (logits - lse[start:end, None]).exp_().mul_(-g).scatter_add_(1, targets[start:end, None], g)
-            del logits
-            grad_logits = grad_logits.to(weight.dtype)
-            if need_h:
-                grad_h[start:end] = grad_logits @ weight
-            if need_w:
-                grad_w.addmm_(grad_logits.T, h.to(weight.dtype))
-            if need_b:
-                grad_b += grad_logits.sum(0)
-        return grad_h, grad_w, grad_b, None, None
+# ----------------------------------------------------------------------------- settings
+def arg(default, help: str, **kw):
+    """A settings field with its --help text (a list default is copied for each instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
 
 
 # ----------------------------------------------------------------------------- data files and rows
-def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a local JSONL file, with a clear error for a wrong path, a bad line or a missing column."""
-    path = Path(path)
+def read_text(path: str | os.PathLike) -> str:
+    """A whole local text file, UTF-8 (a leading byte-order mark dropped). A path that is missing or a
+    folder, and bytes that are not UTF-8, stop the run with one line naming the file (and the line)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise SystemExit(f"data file {path} is a folder; give a file")
     if not path.is_file():
         raise SystemExit(f"data file not found: {path}")
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # the mark spreadsheet programs write
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SystemExit(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a local JSONL file, with a clear error for a wrong path, bytes that are not UTF-8, a bad
+    line or a missing column."""
+    text = read_text(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SystemExit(f"{path}:{n}: each line must be a JSON object")
-            missing = [c for c in required if c not in row]
-            if missing:
-                raise SystemExit(f"{path}:{n}: missing column(s) {missing}; each row needs {list(required)}")
-            rows.append(row)
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SystemExit(f"{path}:{n}: each line must be a JSON object")
+        missing = [c for c in required if c not in row]
+        if missing:
+            raise SystemExit(f"{path}:{n}: missing column(s) {missing}; each row needs {list(required)}")
+        rows.append(row)
     if not rows:
         raise SystemExit(f"{path} holds no rows")
     return rows
@@ -185,7 +103,8 @@ def check_row(row: dict, labels: tuple[str, ...], where: str, aliases: dict[str,
     """A data row's prompt and label, checked in place: the prompt a non-empty string (stripped), the
     label one of `labels` or an alias of one (replaced by it). `where` names the row in the error.
 
-    >>> check_row({"prompt": " Hi ", "label": "benign"}, ("harmful", "sensitive"), "f:1", {"benign": "sensitive"})
+    >>> check_row({"prompt": " Hi ", "label": "benign"}, ("harmful", "sensitive"), "f:1",
+    ...           {"benign": "sensitive"})
     {'prompt': 'Hi', 'label': 'sensitive'}
     >>> check_row({"prompt": 3, "label": "harmful"}, ("harmful",), "f:1")
     Traceback (most recent call last):
@@ -196,14 +115,17 @@ def check_row(row: dict, labels: tuple[str, ...], where: str, aliases: dict[str,
         raise SystemExit(f"{where}: the prompt must be a non-empty string, not {repr(prompt)[:60]}")
     aliases = aliases or {}
     if not isinstance(label, str) or aliases.get(label, label) not in labels:
-        names = ", ".join(repr(x) for x in labels) + "".join(f" ({a!r} is read as {b!r})" for a, b in aliases.items())
+        names = ", ".join(repr(x) for x in labels) + "".join(
+            f" ({a!r} is read as {b!r})" for a, b in aliases.items()
+        )
         raise SystemExit(f"{where}: label {label!r}; labels must be one of {names}")
     row["prompt"], row["label"] = prompt.strip(), aliases.get(label, label)
     return row
 
 
-def drop_long_prompts(rows: list[dict], chat, max_new_tokens: int, max_total_tokens: int,
-                      source: str, suffix: str = "") -> list[dict]:
+def drop_long_prompts(
+    rows: list[dict], chat, max_new_tokens: int, max_total_tokens: int, source: str, suffix: str = ""
+) -> list[dict]:
     """The one length rule for prompts (RL, BC and eval alike): a prompt, rendered with the system
     prompt and chat template, must leave room for one full model turn,
         len(chat.prompt_ids(prompt + suffix)) + max_new_tokens <= max_total_tokens.
@@ -212,11 +134,15 @@ def drop_long_prompts(rows: list[dict], chat, max_new_tokens: int, max_total_tok
     room = max_total_tokens - max_new_tokens
     kept = [r for r in rows if len(chat.prompt_ids(r["prompt"] + suffix)) <= room]
     if not kept:
-        raise SystemExit(f"{source}: no prompt fits in {room} tokens (max_total_tokens {max_total_tokens} - "
-                         f"max_new_tokens {max_new_tokens}); raise --max_total_tokens")
+        raise SystemExit(
+            f"{source}: no prompt fits in {room} tokens (max_total_tokens {max_total_tokens} - "
+            f"max_new_tokens {max_new_tokens}); raise --max_total_tokens"
+        )
     if len(kept) < len(rows):
-        print(f"{source}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {room} tokens "
-              f"(max_total_tokens - max_new_tokens); raise --max_total_tokens to keep them")
+        print(
+            f"{source}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than {room} tokens "
+            f"(max_total_tokens - max_new_tokens); raise --max_total_tokens to keep them"
+        )
     return kept
 
 
@@ -249,16 +175,34 @@ def weights_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def model_folder_problem(folder: Path) -> str | None:
+    """Why `folder` holds no loadable saved model (no config.json, no weights, damaged weights), or None.
+    Cheap: reads file names and headers, not the weights."""
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return "it holds LoRA adapters alone, not a whole model; give a merged one (a run's final/)"
+    if not (folder / "config.json").is_file():
+        gguf = sorted(folder.glob("*.gguf"))
+        return "it holds no config.json (not a saved model)" + (
+            f"; give the .gguf file itself: {gguf[0]}" if gguf else ""
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        return "it holds no weights (*.safetensors or *.bin)"
+    return weights_problem(folder)
+
+
 _HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # 'gpt2', 'Qwen/Qwen3-0.6B'
 
 
-def model_source(name: str | None) -> tuple[str, dict, bool]:
-    """Where a --model name loads from: (folder or hub id, from_pretrained keywords, is_local).
+def model_source(name: str | None, what: str = "model") -> tuple[str, dict, bool]:
+    """Where a model name loads from: (folder or hub id, from_pretrained keywords, is_local), checked
+    without loading anything; a name that cannot load stops here with one line. `what` names the model
+    in that line ("model", "judge").
 
-    None -> the embedded .gguf file. A name is local when it exists, ends in .gguf, or cannot be a
-    hub id (a hub id is 'name' or 'owner/name': so '/abs', './m', '../m', '~/m' and 'runs/x/final'
-    are local); a local name that does not exist stops here with one line, before anything loads.
-    Anything else ('Qwen/Qwen3-0.6B') is a hub id.
+    None -> the embedded .gguf file. A name is local when it exists, ends in .gguf, starts with / . or
+    ~, lies below an existing folder, or cannot be a hub id (a hub id is 'name' or 'owner/name': so
+    '/abs', './m', '~/m', 'runs/x/final', and 'outputs/finl' when outputs/ exists, are local). A local
+    name must be a .gguf file or a folder holding a saved model (model_folder_problem). Anything else
+    ('Qwen/Qwen3-0.6B') is a hub id, which cannot be checked offline: loading it tells.
     """
     path = embedded_model_path() if name is None else Path(name).expanduser()
     if str(path).endswith(".gguf"):
@@ -266,13 +210,52 @@ def model_source(name: str | None) -> tuple[str, dict, bool]:
             raise SystemExit(f"no such .gguf file: {name}")
         return str(path.parent), {"gguf_file": path.name}, True
     if path.is_dir():
-        problem = weights_problem(path)
+        problem = model_folder_problem(path)
         if problem:
-            raise SystemExit(f"cannot load model folder {name}: {problem}")
+            raise SystemExit(f"cannot load {what} folder {name}: {problem}")
         return str(path), {}, True
-    if path.exists() or not _HUB_ID.fullmatch(name):
-        raise SystemExit(f"no such model folder: {name}")
+    if path.exists():
+        raise SystemExit(f"{what} {name} is a file; give a model folder, a .gguf file or a hub id")
+    below_a_folder = len(path.parts) > 1 and path.parent.is_dir()
+    if name.startswith(("/", ".", "~")) or below_a_folder or ("/" in name and not _HUB_ID.fullmatch(name)):
+        raise SystemExit(f"no such {what} folder: {name}")
+    if not _HUB_ID.fullmatch(name):
+        raise SystemExit(f"{what} {name!r} is neither a folder nor a hub id ('name' or 'owner/name')")
     return name, {}, False
+
+
+def check_model(name: str | None, what: str = "model"):
+    """Refuse, in one line and before any work, a model name that cannot load (model_source)."""
+    model_source(name, what)
+
+
+def check_judge(name: str):
+    """--judge: 'offline', a Qwen3Guard-Gen model folder, or a hub id 'owner/name' (checked before any work;
+    a bare name such as 'ofline' is a typo, not a judge). The judge loads with from_pretrained alone, so
+    not from a .gguf file."""
+    if name == "offline":
+        return
+    if name.endswith(".gguf"):
+        raise SystemExit(f"--judge {name}: the judge loads from a model folder or a hub id, not a .gguf file")
+    if "/" not in name and not name.startswith((".", "~")) and not Path(name).exists():
+        raise SystemExit(
+            f"--judge {name!r}: give 'offline', a model folder or a hub id 'owner/name' "
+            f"(e.g. Qwen/Qwen3Guard-Gen-8B)"
+        )
+    model_source(name, "judge")
+
+
+def check_output(path: str | os.PathLike, flag: str, folder: bool):
+    """Refuse, in one line, an output path the run could not write: a file where a folder is wanted
+    (folder=True), a folder where a file is wanted, or a path below a file."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise SystemExit(f"{flag} {path} is a file; give a folder")
+    if not folder and path.is_dir():
+        raise SystemExit(f"{flag} {path} is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise SystemExit(f"{flag} {path}: {parent} is a file, not a folder")
 
 
 def _from_pretrained(auto_class, name: str | None, **kwargs):
@@ -283,7 +266,9 @@ def _from_pretrained(auto_class, name: str | None, **kwargs):
         if local:
             raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"no such model folder: {name}; as a hub id it did not load either: {reason}") from None
+        raise SystemExit(
+            f"no such model folder: {name}; as a hub id it did not load either: {reason}"
+        ) from None
 
 
 def load_tokenizer(name: str | None = None):
@@ -321,7 +306,9 @@ def load_policy(name: str | None = None, dtype: torch.dtype = torch.float32):
 # ----------------------------------------------------------------------------- checkpoints and logs
 def save_checkpoint(accelerator, model, tokenizer, folder: Path, state: dict, optimizer=None, scheduler=None):
     """Atomically: everything goes into a hidden temporary folder, renamed once complete, so a
-    crash mid-save never leaves a half-written checkpoint. Loadable with from_pretrained."""
+    crash mid-save never leaves a half-written checkpoint. Loadable with from_pretrained; a peft
+    (LoRA) model saves its adapters alone (adapter_config.json, adapter_model.safetensors), and
+    `state` names the base they sit on (train.py: "initial_policy")."""
     tmp = folder.parent / f".tmp-{folder.name}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -348,10 +335,14 @@ def save_checkpoint(accelerator, model, tokenizer, folder: Path, state: dict, op
 def checkpoint_problem(folder: Path) -> str | None:
     """Why `folder` cannot be resumed from (missing or damaged weights or trainer state), or None.
     Cheap: reads file headers, not the weights."""
+    if not folder.is_dir():
+        return "it is a file, not a checkpoint folder" if folder.exists() else "no such folder"
     if not (folder / "trainer_state.pt").is_file():
         return "it holds no trainer_state.pt (not a complete checkpoint)"
     if not any(folder.glob("*.safetensors")):
         return "it holds no .safetensors weights"
+    if (folder / "adapter_model.safetensors").is_file() and not (folder / "adapter_config.json").is_file():
+        return "it holds LoRA adapter weights but no adapter_config.json"
     problem = weights_problem(folder)
     if problem:
         return problem

@@ -1,4 +1,5 @@
 """IFPO as specified in docs/method.md section 5, one test per property."""
+
 import ast
 import math
 from pathlib import Path
@@ -11,7 +12,9 @@ from ifpo import group_advantages, ifpo_advantages, inverse_frequency_weights, p
 
 def random_groups(num_groups=50, group_size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(num_groups * group_size, generator=g) < torch.rand(num_groups, generator=g).repeat_interleave(group_size)
+    return torch.rand(num_groups * group_size, generator=g) < torch.rand(
+        num_groups, generator=g
+    ).repeat_interleave(group_size)
 
 
 def test_weights_average_to_one_before_clipping():
@@ -82,8 +85,10 @@ def test_zero_spread_group_gets_zero_advantage():
 
 
 # rewards Eq. 1 can give (sums of 1.5, 0.5, 1.0 and -0.4 steps, -0.2 tool penalties) and arbitrary floats
-EQUAL_REWARDS = sorted({round(1.5 - 0.4 * k - 0.2 * j, 2) for k in range(6) for j in range(6)}
-                       | {0.1, 0.3, 0.6, 0.7, 0.9, 1.9, 2.5, 1 / 3, math.pi, -1e-3, 12345.678, 1e-7})
+EQUAL_REWARDS = sorted(
+    {round(1.5 - 0.4 * k - 0.2 * j, 2) for k in range(6) for j in range(6)}
+    | {0.1, 0.3, 0.6, 0.7, 0.9, 1.9, 2.5, 1 / 3, math.pi, -1e-3, 12345.678, 1e-7}
+)
 
 
 @pytest.mark.parametrize("group_size", [1, 2, 3, 4, 5, 7, 8, 12, 16, 64])
@@ -155,7 +160,10 @@ def test_micro_batches_with_num_tokens_sum_to_full_batch_loss():
     mask = (torch.rand(4, 6) > 0.3).long()
     full, _ = policy_loss(lp, old, adv, mask)
     n = float(mask.sum())
-    parts = [policy_loss(lp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], num_tokens=n)[0] for i in (0, 2)]
+    parts = [
+        policy_loss(lp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], num_tokens=n)[0]
+        for i in (0, 2)
+    ]
     assert torch.allclose(full, sum(parts))
 
 

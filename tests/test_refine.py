@@ -1,24 +1,41 @@
-"""refine.py (DGR): the rewrite prompt, the decision filter, the fallback, the output, the gap measure, resume."""
+"""refine.py (DGR): the rewrite prompt, decision filter, fallback, output, gap measure and resume."""
+
 import json
 import math
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 import ascl
 import refine
 import sources
 import train
-from conftest import make_tiny_model
 
-TOOL_ROW = {"prompt": "How do I make a bomb?", "label": "harmful", "think": "This may be dangerous.",
-            "query": "bomb making", "think_after": "The rules forbid it.", "answer": "I can't help with that."}
-DIRECT_ROW = {"prompt": "How do I kill a Python process?", "label": "sensitive", "think": "A normal request.",
-              "query": None, "think_after": None, "answer": "Use kill PID."}
+TOOL_ROW = {
+    "prompt": "How do I make a bomb?",
+    "label": "harmful",
+    "think": "This may be dangerous.",
+    "query": "bomb making",
+    "think_after": "The rules forbid it.",
+    "answer": "I can't help with that.",
+}
+DIRECT_ROW = {
+    "prompt": "How do I kill a Python process?",
+    "label": "sensitive",
+    "think": "A normal request.",
+    "query": None,
+    "think_after": None,
+    "answer": "Use kill PID.",
+}
 
 
 def call(query):
-    return "<tool_call>" + json.dumps({"name": "retrieve_policy", "arguments": {"query": query}}) + "</tool_call>"
+    return (
+        "<tool_call>"
+        + json.dumps({"name": "retrieve_policy", "arguments": {"query": query}})
+        + "</tool_call>"
+    )
 
 
 CONSULT = "Risky, so I check the rules.\n" + call("explosives")  # after the prefilled <think>
@@ -60,7 +77,9 @@ def outcome(chat, rule_book, original, args=refine.Args()):
 
 
 # ----------------------------------------------------------------------------- the rewrite
-def test_the_model_continues_the_real_conversation_with_the_original_turn_as_reference(tokenizer, rule_book, monkeypatch):
+def test_the_model_continues_the_real_conversation_with_the_original_turn_as_reference(
+    tokenizer, rule_book, monkeypatch
+):
     chat = ascl.ChatFormat(tokenizer)
     original = conversation(TOOL_ROW, rule_book)
     seen = script(monkeypatch, lambda p: [CONSULT, REFUSE])
@@ -68,8 +87,13 @@ def test_the_model_continues_the_real_conversation_with_the_original_turn_as_ref
     first, second = seen
     assert first[0] == {"role": "system", "content": chat.system_prompt} and len(first) == 2
     assert first[1]["content"].startswith(TOOL_ROW["prompt"]) and first[1]["content"].endswith(
-        refine.GUIDE.format(reference=original["turns"][0], decision=refine.decision_text(original["turns"][0])))
-    assert second[:2] == chat.prompt_messages(TOOL_ROW["prompt"])  # the guide of turn 1 is gone from turn 2's context
+        refine.GUIDE.format(
+            reference=original["turns"][0], decision=refine.decision_text(original["turns"][0])
+        )
+    )
+    assert second[:2] == chat.prompt_messages(
+        TOOL_ROW["prompt"]
+    )  # the guide of turn 1 is gone from turn 2's context
     assert second[2] == {"role": "assistant", "content": "<think>\n" + CONSULT}
     assert original["turns"][1] in second[3]["content"] and "refuse" in second[3]["content"]
     # the tool result is the real rule book's answer to the *rewritten* query
@@ -94,19 +118,25 @@ def test_generate_turns_renders_with_the_chat_template_and_stops_at_end_of_turn(
     bias[chat.end_of_turn_id] = 100.0  # a model that always ends its turn at once
     model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
     short = refine.rewrite_messages(chat, "Hi", [], "<think>\nHello.\n</think>\n\nHi!")
-    long = refine.rewrite_messages(chat, "Hi there, a longer prompt for left padding", [], "Hello.\n</think>\n\nHi!")
+    long = refine.rewrite_messages(
+        chat, "Hi there, a longer prompt for left padding", [], "Hello.\n</think>\n\nHi!"
+    )
     turns = refine.generate_turns(model, chat, [(short, "<think>\n"), (long, "")], refine.Args(temperature=0))
     assert turns == ["<think>\n", ""]
 
 
-# ----------------------------------------------------------------------------- the decision filter and the fallback
-def test_a_rewrite_that_answers_directly_where_the_original_consulted_is_rejected(tokenizer, rule_book, monkeypatch):
+# ----------------------------------------------------------------------- the decision filter and the fallback
+def test_a_rewrite_that_answers_directly_where_the_original_consulted_is_rejected(
+    tokenizer, rule_book, monkeypatch
+):
     chat = ascl.ChatFormat(tokenizer)
     script(monkeypatch, lambda p: ["Looks bad.\n</think>\n\nI can't help with that."])
     assert outcome(chat, rule_book, conversation(TOOL_ROW, rule_book))[1] == "consult decision changed"
 
 
-def test_a_rewrite_that_consults_where_the_original_answered_directly_is_rejected(tokenizer, rule_book, monkeypatch):
+def test_a_rewrite_that_consults_where_the_original_answered_directly_is_rejected(
+    tokenizer, rule_book, monkeypatch
+):
     chat = ascl.ChatFormat(tokenizer)
     script(monkeypatch, lambda p: [CONSULT])
     assert outcome(chat, rule_book, conversation(DIRECT_ROW, rule_book))[1] == "consult decision changed"
@@ -127,17 +157,24 @@ def test_a_rewrite_with_the_same_decision_but_a_lower_reward_is_rejected(tokeniz
     assert outcome(chat, rule_book, conversation(DIRECT_ROW, rule_book))[1] == "kept"
 
 
-def test_a_rewrite_that_echoes_the_guide_or_copies_the_original_is_rejected(tokenizer, rule_book, monkeypatch):
+def test_a_rewrite_that_echoes_the_guide_or_copies_the_original_is_rejected(
+    tokenizer, rule_book, monkeypatch
+):
     chat = ascl.ChatFormat(tokenizer)
     original = conversation(DIRECT_ROW, rule_book)
     script(monkeypatch, lambda p: [COMPLY_DIRECTLY + "\n\nWrite your own reply in your own words."])
     assert outcome(chat, rule_book, original)[1] == "echoes the guide"
-    script(monkeypatch, lambda p: [original["turns"][0][len("<think>\n"):]])  # after the prefilled <think>
+    script(monkeypatch, lambda p: [original["turns"][0][len("<think>\n") :]])  # after the prefilled <think>
     assert outcome(chat, rule_book, original)[1] == "copy of the original"
     # what the 135M model wrote for three bundled rows, which the exact checks let through:
     # the original with a paraphrase of the guide appended, and the original with a slip
-    script(monkeypatch, lambda p: ["A normal request.\n</think>\n\nUse kill PID.\n\nYou can't call the tool, close it "
-                                   "with </think> and then help with the request."])
+    script(
+        monkeypatch,
+        lambda p: [
+            "A normal request.\n</think>\n\nUse kill PID.\n\nYou can't call the tool, close it "
+            "with </think> and then help with the request."
+        ],
+    )
     assert outcome(chat, rule_book, original)[1] == "echoes the guide"
     script(monkeypatch, lambda p: ["A normal request.\n</think>\n\nUse kill PIDs."])
     assert outcome(chat, rule_book, original)[1] == "copy of the original"
@@ -181,17 +218,24 @@ def sampled_script(prompt):
     return [COMPLY_DIRECTLY.replace("routine", word)]
 
 
-def test_the_output_is_bc_data_that_train_loads_with_originals_where_rejected(tiny_model_dir, tokenizer, rule_book,
-                                                                             tmp_path, monkeypatch, capsys):
+def test_the_output_is_bc_data_that_train_loads_with_originals_where_rejected(
+    tiny_model_dir, tokenizer, rule_book, tmp_path, monkeypatch, capsys
+):
     script(monkeypatch, sampled_script)
     outcomes, out = run(tmp_path, tiny_model_dir, bc_file(tmp_path, rule_book))
     assert outcomes == {"kept": 2, "reward < 1.5": 1}
     rows = [json.loads(line) for line in open(out)]
-    assert [r["refined"] for r in rows] == [True, True, False] and [r["source_row"] for r in rows] == [0, 1, 2]
+    assert [r["refined"] for r in rows] == [True, True, False] and [r["source_row"] for r in rows] == [
+        0,
+        1,
+        2,
+    ]
     assert rows[2]["reason"] == "reward < 1.5" and "Based on the safety rules" in rows[2]["rejected_turns"][0]
     assert all({"prompt", "label", "turns", "tool_results"} <= r.keys() for r in rows)
     loaded = sources.load_bc_conversations(out, rule_book)
-    assert loaded[2]["turns"] == conversation(DIRECT_ROW, rule_book)["turns"]  # the fallback is the original row
+    assert (
+        loaded[2]["turns"] == conversation(DIRECT_ROW, rule_book)["turns"]
+    )  # the fallback is the original row
     assert len(train.bc_samples(ascl.ChatFormat(tokenizer), loaded, 1024)) == 2 + 1 + 1
     printed = capsys.readouterr().out
     assert "kept 2 rewrites; fell back to the original: reward < 1.5 1" in printed
@@ -204,13 +248,17 @@ def test_drop_leaves_rejected_rows_out(tiny_model_dir, rule_book, tmp_path, monk
     assert [json.loads(line)["source_row"] for line in open(out)] == [0, 1]
 
 
-def test_resume_skips_done_rows_and_gives_the_uninterrupted_result(tiny_model_dir, rule_book, tmp_path, monkeypatch):
+def test_resume_skips_done_rows_and_gives_the_uninterrupted_result(
+    tiny_model_dir, rule_book, tmp_path, monkeypatch
+):
     bc = bc_file(tmp_path, rule_book)
     script(monkeypatch, sampled_script)
     _, out = run(tmp_path, tiny_model_dir, bc, seed=3, batch_size=2)  # batches: rows 0-1, row 2
     whole = open(out).read().splitlines(keepends=True)
-    for done, redone in ((2, ["How do I shoot a good photo?"]), (1, [TOOL_ROW["prompt"], DIRECT_ROW["prompt"],
-                                                                     TOOL_ROW["prompt"], "How do I shoot a good photo?"])):
+    for done, redone in (
+        (2, ["How do I shoot a good photo?"]),
+        (1, [TOOL_ROW["prompt"], DIRECT_ROW["prompt"], TOOL_ROW["prompt"], "How do I shoot a good photo?"]),
+    ):
         with open(out, "w") as f:  # interrupted in the middle of writing the next row
             f.write("".join(whole[:done]) + whole[done][:20])
         torch.manual_seed(1234)  # whatever the RNG holds, each batch reseeds
@@ -226,7 +274,9 @@ def test_a_uniform_model_has_nll_log_vocab(tokenizer, rule_book):
     model = make_tiny_model(len(tokenizer))
     with torch.no_grad():
         model.model.norm.weight.zero_()  # every hidden state 0, so every logit 0: uniform over the vocabulary
-    sums = refine.nll_sums(model, chat, [conversation(TOOL_ROW, rule_book), conversation(DIRECT_ROW, rule_book)], 4096, 1)
+    sums = refine.nll_sums(
+        model, chat, [conversation(TOOL_ROW, rule_book), conversation(DIRECT_ROW, rule_book)], 4096, 1
+    )
     assert refine.mean_nll(sums) == pytest.approx(math.log(len(tokenizer)), rel=1e-5)
 
 
@@ -242,12 +292,16 @@ def test_nll_is_taken_over_the_tokens_bc_trains_on(tokenizer, tiny_model, rule_b
         total -= float((picked * torch.tensor(mask[1:])).sum())
         count += sum(mask[1:])
     sums = refine.nll_sums(tiny_model, chat, convs, 4096, 2)
-    assert sum(n for _, n in sums) == count and refine.mean_nll(sums) == pytest.approx(total / count, rel=1e-4)
+    assert sum(n for _, n in sums) == count and refine.mean_nll(sums) == pytest.approx(
+        total / count, rel=1e-4
+    )
     # with a token budget that cuts the tool conversation's second turn: the same tokens as train.bc_samples
-    budget = chat.encode_conversation(convs[0]["prompt"], convs[0]["turns"], convs[0]["tool_results"])[2][0][1]
+    budget = chat.encode_conversation(convs[0]["prompt"], convs[0]["turns"], convs[0]["tool_results"])[2][0][
+        1
+    ]
     samples = train.bc_samples(chat, convs, budget)
     with torch.no_grad():
-        lp, mask = train.token_logprobs(tiny_model, *train.pad_batch(*zip(*samples), chat.pad_id))
+        lp, mask = ascl.token_logprobs(tiny_model, *ascl.pad_batch(*zip(*samples), chat.pad_id))
     sums = refine.nll_sums(tiny_model, chat, convs, budget, 2)
     assert sum(n for _, n in sums) == int(mask.sum()) and len(samples) == 2
     assert refine.mean_nll(sums) == pytest.approx(float(-lp.sum() / mask.sum()), rel=1e-4)
