@@ -24,7 +24,9 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "error::DeprecationWarning:transformers")
     # peft 0.21 itself reads the deprecated `is_gradient_checkpointing`; the project never does
     # (test_no_project_file_uses_a_deprecated_transformers_name)
-    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+    )
 
 
 # A Hermes-style template in the shape of Qwen2.5's: tools in the system turn, a `tool` role.
