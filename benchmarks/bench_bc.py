@@ -105,7 +105,8 @@ def main():
                     r = run_bc(tree, data, a, tmp / f"out-{rep}-{len(results[name])}-{name.strip('-')}", fast)
                     results[name].append(r)
                     print(
-                        f"{name}: {r['seconds']:.0f} s, peak RSS {r['peak_gib']:.2f} GiB ({r['peak_gib'] * 2**30 / 1e9:.2f} GB), "
+                        f"{name}: {r['seconds']:.0f} s, peak RSS {r['peak_gib']:.2f} "
+                        f"GiB ({r['peak_gib'] * 2**30 / 1e9:.2f} GB), "
                         f"{r['steps']} steps, "
                         f"final loss {r['final_loss']:.3f}",
                         flush=True,
@@ -118,12 +119,14 @@ def main():
                 )
     print(
         f"BC of {len(lines[: a.rows] if a.rows else lines)} rows x {a.epochs} epochs, batch 8 (micro-batch "
-        f"{a.micro_batch_size or 8}), gradient checkpointing {a.gradient_checkpointing}, {os.cpu_count()} CPUs:"
+        f"{a.micro_batch_size or 8}), gradient checkpointing "
+        f"{a.gradient_checkpointing}, {os.cpu_count()} CPUs:"
     )
     for name, rs in results.items():
         print(
             f"  {name:>12}: median {statistics.median(r['seconds'] for r in rs):.0f} s, "
-            f"peak RSS {max(r['peak_gib'] for r in rs):.2f} GiB ({max(r['peak_gib'] for r in rs) * 2**30 / 1e9:.2f} GB)"
+            f"peak RSS {max(r['peak_gib'] for r in rs):.2f} GiB "
+            f"({max(r['peak_gib'] for r in rs) * 2**30 / 1e9:.2f} GB)"
         )
     seconds = {name: statistics.median(r["seconds"] for r in rs) for name, rs in results.items()}
     peak = {name: max(r["peak_gib"] for r in rs) for name, rs in results.items()}

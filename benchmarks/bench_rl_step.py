@@ -8,7 +8,9 @@ Without TRL (e.g. in the project's own venv) only the two train.py paths run, an
 
 Workload, both sides: the embedded SmolLM2-135M (`plumbing.load_policy(None)`, the GGUF file de-quantised
 to fp32) or --model, CPU, fp32 weights, and per --precisions row either fp32 or bf16 autocast
-(train.py: accelerate's mixed_precision="bf16"; TRL: GRPOConfig(bf16=True)), no gradient checkpointing, beta = 0 (no reference model), lr 1e-6, fused AdamW (train.make_optimizer; TRL's default optim is adamw_torch_fused too),
+(train.py: accelerate's mixed_precision="bf16"; TRL: GRPOConfig(bf16=True)), no gradient checkpointing,
+beta = 0 (no reference model), lr 1e-6, fused AdamW (train.make_optimizer; TRL's default optim is
+adamw_torch_fused too),
 max grad norm 1.0, clip eps 0.2, temperature 1, top_k 0; the same 4 prompts (train.py's own choice
 for step 0 from the bundled RL data) x 8 rollouts; the `retrieve_policy` tool (at most 2 tool rounds);
 the offline reward (ascl.OfflineJudge + ascl.reward); gradients accumulated over micro-batches of
@@ -216,12 +218,15 @@ def _trl_chat_template() -> str:
         "{{- '<|im_end|>\\n' }}"
         "{%- elif message.role == 'assistant' %}"
         "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
-        "{%- for tc in message.tool_calls or [] %}{%- set f = tc.function if tc.function is defined else tc %}"
-        "{{- '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}\\n</tool_call>' }}"
+        "{%- for tc in message.tool_calls or [] %}"
+        "{%- set f = tc.function if tc.function is defined else tc %}"
+        '{{- \'<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' '
+        "+ (f.arguments | tojson) + '}\\n</tool_call>' }}"
         "{%- endfor %}"
         "{{- '<|im_end|>\\n' }}"
         "{%- elif message.role == 'tool' %}"
-        "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+        "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}"
+        "{{- '<|im_start|>user' }}{%- endif %}"
         "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
         "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
         "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
@@ -471,7 +476,10 @@ def check_trl() -> str | None:
     except Exception as e:  # noqa: BLE001
         return f"trl {trl} does not import ({type(e).__name__}: {e})"
     if Version(trl) < Version(MIN_TRL) or Version(tf) < Version("5"):
-        return f"GRPOTrainer tool use needs trl >= {MIN_TRL} and transformers >= 5; found trl {trl}, transformers {tf}"
+        return (
+            f"GRPOTrainer tool use needs trl >= {MIN_TRL} and transformers >= 5; "
+            f"found trl {trl}, transformers {tf}"
+        )
     return None
 
 
@@ -545,7 +553,8 @@ def main():
 
     print(f"versions: {versions()}; python {sys.version.split()[0]}")
     print(
-        f"device: CPU, {torch.get_num_threads()} threads; model: {a.model or 'embedded SmolLM2-135M (' + _model_name() + ')'}"
+        f"device: CPU, {torch.get_num_threads()} threads; model: "
+        f"{a.model or 'embedded SmolLM2-135M (' + _model_name() + ')'}"
     )
     print(
         f"workload: {a.prompts} prompts x {a.group_size} rollouts, max {a.max_new_tokens} new tokens, "
@@ -565,8 +574,10 @@ def main():
                 print(
                     f"{precision} rep {rep + 1} {SIDES[side]:>15}: step {r['step_s']:6.1f}s "
                     f"(rollout {r['rollout_s']:5.1f}s, "
-                    f"update {r['update_s']:5.1f}s, {r['update_tokens']} positions)  peak RSS {r['rss_peak_mib']:6.0f} MiB"
-                    f"  | finished {r['finished']:.2f}, tool-call rate {r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
+                    f"update {r['update_s']:5.1f}s, {r['update_tokens']} "
+                    f"positions)  peak RSS {r['rss_peak_mib']:6.0f} MiB"
+                    f"  | finished {r['finished']:.2f}, tool-call rate "
+                    f"{r['tool_rate']:.2f}, reward {r['reward_mean']:.2f}, "
                     f"prompt {r['prompt_len']:.0f} tok, completion {r['completion_len']:.1f} tok, "
                     f"zero-spread groups {r['zero_spread']:.2f}, rollouts updated {r['updated']:.2f}"
                     + (f"  | {r['detail']}" if r["detail"] else ""),
