@@ -90,14 +90,22 @@ class Args:
     temperature: float = field(default=0.6, metadata={"help": "math sampling, used when math_samples > 1"})
     top_p: float = 0.95
     seed: int = 0
+    fast: bool = field(
+        default=False, metadata={"help": "fast.py's decoding: the same tokens as the plain path, sooner"}
+    )
 
 
 MATH_INSTRUCTION = "\n\nSolve the problem. End your reply with a final line of the form 'Answer: <number>'."
 
 
 # ----------------------------------------------------------------------------- rollouts
-def evaluate(model, chat, rule_book, judge, bench: str, rows: list[dict], args: Args, bar) -> list[dict]:
-    """Roll out every prompt of one benchmark and score each rollout: one sample dict per rollout."""
+def evaluate(
+    model, chat, rule_book, judge, bench: str, rows: list[dict], args: Args, bar, generate=None
+) -> list[dict]:
+    """Roll out every prompt of one benchmark and score each rollout: one sample dict per rollout.
+
+    generate: None for ascl.generate_turns (one batched model.generate), or an equal replacement
+    (fast.generate_turns under --fast)."""
     label = rows[0]["label"]
     is_math = label == "math"
     k = args.math_samples if is_math else 1
@@ -120,6 +128,7 @@ def evaluate(model, chat, rule_book, judge, bench: str, rows: list[dict], args: 
             do_sample=sampled,
             temperature=args.temperature,
             top_p=args.top_p,
+            generate=generate,
         )
         rows_k = [r for r in chunk for _ in range(k)]  # trajectories are grouped by prompt
         if is_math:
@@ -219,6 +228,11 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     judge = guard.make_judge(args.judge, device, args.batch_size)
     rule_book = ascl.RuleBook.from_json()
+    generate = None
+    if args.fast:
+        import fast
+
+        generate = fast.generate_turns
 
     results = {}
     for name, chat in chats.items():
@@ -232,7 +246,7 @@ def main(args: Args) -> dict:
         scores, samples = {}, []
         for bench, rows in benchmarks.items():
             with tqdm(total=len(rows), desc=f"{name} | {bench}") as bar:
-                s = evaluate(model, chat, rule_book, judge, bench, rows, args, bar)
+                s = evaluate(model, chat, rule_book, judge, bench, rows, args, bar, generate)
             scores[bench] = score(s, rows[0]["label"], len(rows))
             samples += s
             results[name] = summarise(scores)

@@ -432,6 +432,20 @@ def test_end_to_end_on_a_tiny_random_model(tiny_model_dir, tmp_path, capsys):
     assert "H-avg" in table and "eval_math (n=2) accuracy %" in table
 
 
+def test_fast_decoding_gives_the_same_rollouts_and_scores(tiny_model_dir, tmp_path):
+    """--fast swaps in fast.generate_turns: greedy, so every token, tool call and score is the same."""
+    runs = {}
+    for fast in (False, True):
+        out = tmp_path / f"fast={fast}"
+        settings = dict(limit=3, max_new_tokens=12, max_total_tokens=512, batch_size=4, fast=fast)
+        ev.main(ev.Args(model=[tiny_model_dir], output_dir=str(out), **settings))
+        runs[fast] = read_outputs(out, tiny_model_dir)
+    (plain_results, plain_samples), (fast_results, fast_samples) = runs[False], runs[True]
+    assert [s["messages"] for s in fast_samples] == [s["messages"] for s in plain_samples]
+    assert fast_results == plain_results
+    assert sum(s["response_tokens"] for s in plain_samples) > len(plain_samples)  # the turns say something
+
+
 # ---------------------------------------------------------------- bad settings, long prompts, partial results
 @pytest.fixture
 def no_model(monkeypatch):
