@@ -77,16 +77,36 @@ def test_echoing_a_math_question_never_scores():
 
 
 # ----------------------------------------------------------------------------- training mixes
-def test_bc_mix_is_the_papers_3_2_sensitive_split_with_extra_refusals_and_direct_answers():
+def test_bc_mix_is_the_papers_2_3_2_with_extra_direct_answers():
     data = rows("bc_seed")
     kinds = Counter(r["kind"] for r in data)
     assert kinds["sensitive_tool"] * 2 == kinds["sensitive_direct"] * 3  # the paper's 3:2 of the 2:3:2
-    assert kinds["harmful_tool"] * 3 >= kinds["sensitive_tool"] * 2  # at least its 2:3 share of refusals
+    assert (
+        kinds["harmful_tool"] * 3 == kinds["sensitive_tool"] * 2
+    )  # its 2:3: after a look-up, answer more often
     assert kinds["ordinary_direct"] >= 10 and kinds["math_direct"] >= 10
     for r in data:
         with_tool = r["kind"].endswith("_tool")
         assert bool(r.get("query")) == with_tool == bool(r.get("think_after")), r["prompt"]
         assert r["label"] == ("harmful" if r["kind"] == "harmful_tool" else "sensitive")
+
+
+def test_no_rule_category_is_only_ever_followed_by_a_refusal():
+    """Each of the 21 categories is the closest rule of some refusal row and of some consult-then-answer row.
+
+    Otherwise the category itself (privacy, gambling, ...) would be the cue to refuse, not the request.
+    """
+    import ascl
+
+    book = ascl.RuleBook.from_json()
+    categories = {r.category for r in book.rules}
+    closest = {kind: set() for kind in ("harmful_tool", "sensitive_tool")}
+    for r in rows("bc_seed"):
+        if r["kind"] in closest:
+            closest[r["kind"]].add(book.search(r["query"], top_k=1)[0][1].category)
+    assert len(categories) == 21
+    assert closest["harmful_tool"] == categories
+    assert closest["sensitive_tool"] == categories
 
 
 def test_bc_math_rows_use_the_eval_protocol_and_end_with_the_right_answer_line():
