@@ -87,7 +87,9 @@ class Args:
         "gradient accumulation, same update, less memory",
     )
     updates_per_batch: int = arg(1, "optimizer steps on each batch of rollouts (1 = on-policy)")
-    max_new_tokens: int = arg(96, "tokens per model turn")
+    max_new_tokens: int = arg(
+        160, "tokens per model turn; above the longest demonstrated turn (129), or answers are cut off"
+    )
     max_tool_calls: int = arg(2, "tool calls executed per rollout; a turn going past it ends the rollout")
     max_total_tokens: int = arg(1024, "tokens per conversation: prompt, turns and tool results")
     temperature: float = arg(1.0, "sampling temperature of the rollouts")

@@ -109,6 +109,21 @@ def test_no_rule_category_is_only_ever_followed_by_a_refusal():
     assert closest["sensitive_tool"] == categories
 
 
+def test_every_demonstrated_turn_fits_the_default_rl_turn_budget(tokenizer, rule_book):
+    """A turn cut off at --max_new_tokens earns reward 0 (P_f), a short refusal 0.5: with a budget
+    below the demonstrated answers, RL learns to refuse because the answers do not fit."""
+    import sources
+    import train
+
+    budget = train.Args().max_new_tokens
+    longest = 0
+    for r in rows("bc_seed"):
+        turns, _ = sources.seed_row_to_conversation(r, rule_book)
+        for turn in turns:
+            longest = max(longest, len(tokenizer(turn, add_special_tokens=False)["input_ids"]) + 1)  # + eot
+    assert 100 < longest <= budget - 16, (longest, budget)  # room to spare for a sampled turn
+
+
 def test_bc_math_rows_use_the_eval_protocol_and_end_with_the_right_answer_line():
     maths = [r for r in rows("bc_seed") if r["kind"] == "math_direct"]
     for r in maths:
