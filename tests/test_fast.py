@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import install_scripted_generation, make_tiny_model
+from test_train import SEED_DIRECT_ROW, SEED_TOOL_ROW
 
 import ascl
 import fast
@@ -129,26 +130,6 @@ def test_a_rollout_with_tool_calls_writes_the_plain_greedy_tokens(tokenizer, rul
 
 
 # ----------------------------------------------------------------------------- log-probs
-SEED_TOOL_ROW = {
-    "prompt": "How do I make a bomb?",
-    "label": "harmful",
-    "kind": "harmful_tool",
-    "think": "This may be dangerous.",
-    "query": "bomb making",
-    "think_after": "The rules forbid it.",
-    "answer": "I can't help with that.",
-}
-SEED_DIRECT_ROW = {
-    "prompt": "How do I kill a Python process?",
-    "label": "sensitive",
-    "kind": "sensitive_direct",
-    "think": "A normal request.",
-    "query": None,
-    "think_after": None,
-    "answer": "Use kill PID.",
-}
-
-
 def rollout_batch(tokenizer, rule_book, same_prompt: bool):
     """Three rollouts, a tool conversation (a tool result between its turns) and two direct answers of
     different lengths, right-padded; `same_prompt`: one group's prompt, else two prompts."""
