@@ -21,9 +21,10 @@ it stopped:
   4. experiments/results.md (tables with Wilson 95% intervals and the seed spread, stage times) and
      experiments/*.png (tool-call rates, reward, IFPO weights over RL steps), written from the logs
 
-Budget (2-core CPU, embedded SmolLM2-135M; the per-unit costs below): the defaults come to about
-1 h 50 min, --refined_bc adds about 55 min. Scale up with --steps, --seeds, --prompts_per_step, --limit; on a
-GPU, --model, --train_args and --eval_args give the paper's setting (README).
+Budget (2-core CPU, embedded SmolLM2-135M; the per-unit costs below, on the --fast path): the
+defaults come to about 1 h 40 min, --refined_bc adds about 45 min. Scale up with --steps, --seeds,
+--prompts_per_step, --limit; on a GPU, --model, --train_args and --eval_args give the paper's
+setting (README).
 """
 
 import argparse
@@ -58,13 +59,14 @@ COLORS = {
     "ifpo-refined": "tab:purple",
 }  # from the refined BC
 
-# Per-unit costs on the 2-core CPU with the embedded model (experiments/README.md, "Budget"): an RL
-# step of 16 rollouts ≈ 20 s rollout + 37 s update and an eval prompt ≈ 3 s, both timed with the
-# earlier decoder; a BC turn sample ≈ 1.9 s on the plain path (the default BC, 400 samples x 2
-# epochs, took 25 min). results.md records what each stage really took.
-RL_S_PER_ROLLOUT = 57 / 16
-BC_S_PER_SAMPLE = 1.9
-EVAL_S_PER_PROMPT = 3.0
+# Per-unit costs on the 2-core CPU with the embedded model, on the --fast path every command here
+# takes (fast.py: the plain path's tokens, log-probs and gradients, sooner): a BC turn sample
+# ≈ 1.07 s (840 samples in 15 min), an RL rollout ≈ 3.1 s (12 steps of 32 rollouts from the BC
+# checkpoint, 160-token turns, rollout and update), an eval prompt ≈ 1.8 s (128-token turns, batches
+# of 20). results.md records what each stage really took.
+RL_S_PER_ROLLOUT = 3.1
+BC_S_PER_SAMPLE = 1.07
+EVAL_S_PER_PROMPT = 1.8
 LOAD_S = 20  # starting a subprocess and loading the model
 
 
@@ -76,7 +78,7 @@ def title(arm: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=8, help="RL steps per run")
+    p.add_argument("--steps", type=int, default=12, help="RL steps per run")
     p.add_argument("--prompts_per_step", type=int, default=2, help="× --group_size rollouts per RL step")
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--limit", type=int, default=30, help="eval prompts per bundled set (0 = all, 100+)")
@@ -116,6 +118,7 @@ def bc_flags(a) -> list[str]:
         "8",
         "--max_total_tokens",
         "768",
+        "--fast",
         *([] if a.model is None else ["--model", a.model]),
         *shlex.split(a.train_args),
     ]
@@ -132,7 +135,7 @@ def rl_flags(a) -> list[str]:
         "--micro_batch_size",
         "8",
         "--max_new_tokens",
-        "96",
+        "160",
         "--max_total_tokens",
         "768",
         "--max_tool_calls",
@@ -145,6 +148,7 @@ def rl_flags(a) -> list[str]:
         str(a.steps),
         "--save_every",
         "5",
+        "--fast",
         *shlex.split(a.train_args),
     ]
 
@@ -158,6 +162,7 @@ def eval_flags(a) -> list[str]:
         "768",
         "--batch_size",
         "20",
+        "--fast",
         *shlex.split(a.eval_args),
     ]
 
