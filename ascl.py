@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 HERE = Path(__file__).resolve().parent
 RULES_PATH = HERE / "rules.json"
@@ -340,13 +341,9 @@ class Trajectory:
 
     @property
     def used_tool(self) -> bool:
-        """m_i of Eq. 3: the rollout consulted the rule book, i.e. rules came back to it.
-
-        The one definition used everywhere (IFPO weights, logs, eval's tool-call rate, P_h).
-        A faulty attempt (unknown tool, bad JSON, unclosed <tool_call>) retrieves nothing and is
-        already punished by P_r / P_f; a valid call that the --max_tool_calls cap kept from
-        running retrieves nothing either. A rollout cut off before any call counts as direct
-        (m = 0): m records the behaviour, its failure is in the reward.
+        """m_i of Eq. 3: rules came back to the rollout. The one definition used everywhere (IFPO
+        weights, logs, eval's tool-call rate, P_h). A faulty call or one the --max_tool_calls cap
+        kept from running retrieves nothing (P_r / P_f punish it); m records behaviour, not success.
         """
         return self.retrievals > 0
 
@@ -417,17 +414,13 @@ def generate_turns(
     """One batched `model.generate` over the conversations that need a turn.
 
     contexts[i]: conversation i's ids so far; budgets[i]: the most tokens it may write now.
-    Returns each row's new ids, cut after its first end-of-turn token and at its budget.
-    Rows are left-padded and the attention mask comes from their lengths (pad == eos).
-    Sampling is exactly softmax(logits / temperature) (top_k off, top_p 1 by default), the
-    distribution token_logprobs scores, whatever the model's own generation config says.
+    Returns each row's new ids, cut after its first end-of-turn token and at its budget. Rows are
+    left-padded, the attention mask from their lengths (pad == eos). Sampling is exactly
+    softmax(logits / temperature), which token_logprobs scores, whatever the generation config says.
     """
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(contexts), width), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, width - len(c) :] = torch.tensor(c)
-        attention[i, width - len(c) :] = 1
+    rows = [torch.tensor(c, dtype=torch.long) for c in contexts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+    attention = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
     sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else {}
     was_training = model.training
     model.eval()
@@ -442,7 +435,7 @@ def generate_turns(
     )
     model.train(was_training)
     new = []
-    for row, budget in zip(out[:, width:].tolist(), budgets):
+    for row, budget in zip(out[:, ids.shape[1] :].tolist(), budgets):
         row = row[:budget]
         if end_of_turn_id in row:
             row = row[: row.index(end_of_turn_id) + 1]
@@ -470,13 +463,9 @@ def rollout(
     Each round: the conversations that need a turn -> one batched `generate` -> for each, decode
     the turn and parse its tool calls; a turn with calls gets their results appended as a tool
     turn (ids, mask 0) and needs another turn; a turn without calls ends the rollout. Output i
-    belongs to prompt i // group_size. Limits:
-    - each turn stops at max_new_tokens, and each rollout at max_total_tokens (its own
-      budget: a long conversation in the batch does not cut the others short);
-    - at most max_tool_calls calls are executed per rollout: a turn whose calls would go
-      past the cap ends the rollout truncated, none of them executed (no answer, so
-      P_f = 0); top_k is clamped to 1..20 when a call is parsed;
-    - a tool turn that leaves no room to answer is not appended: truncated.
+    belongs to prompt i // group_size. Each turn stops at max_new_tokens, each rollout at its own
+    max_total_tokens. A turn whose calls would pass max_tool_calls, or whose tool turn would leave
+    no room to answer, ends the rollout truncated, nothing executed or appended (no answer: P_f = 0).
     `generate` replaces generate_turns (same arguments and result), e.g. with fast.py's.
 
     Worked example (ids made up; E = end of turn, pad == E in SmolLM2, so the mask comes
@@ -494,9 +483,7 @@ def rollout(
     for p, y in zip(prompts, labels):
         ids = chat.prompt_ids(p)
         if len(ids) >= max_total_tokens:
-            raise ValueError(
-                f"prompt is {len(ids)} tokens, over max_total_tokens={max_total_tokens}: {p[:80]!r}"
-            )
+            raise ValueError(f"prompt over max_total_tokens ({len(ids)} >= {max_total_tokens}): {p[:60]!r}")
         trajs += [Trajectory(p, y, list(ids), [0] * len(ids)) for _ in range(group_size)]
 
     active = list(trajs)  # the conversations that need a turn
@@ -743,14 +730,10 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int):
     tensor([[1, 1, 1],
             [1, 0, 0]])
     """
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), T), dtype=torch.long)
-    action = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attention[i, : len(s)] = 1
-        action[i, : len(m)] = torch.tensor(m)
+    rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    attention = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    action = pad_sequence([torch.tensor(m, dtype=torch.long) for m in masks], batch_first=True)
     return ids, attention, action
 
 
@@ -776,9 +759,7 @@ def token_logprobs(model, ids, attention, action, temperature: float = 1.0, entr
     logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits.float() / temperature
     logp = logits.log_softmax(-1)  # (B, P, V)
     picked = logp.gather(-1, ids[:, 1:].index_select(1, keep).unsqueeze(-1)).squeeze(-1)
-    logprobs = (
-        torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_copy(1, keep, picked) * mask
-    )
+    logprobs = torch.zeros_like(mask, dtype=picked.dtype).index_copy(1, keep, picked) * mask
     if not entropy:
         return logprobs, mask
     with torch.no_grad():

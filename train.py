@@ -389,25 +389,15 @@ def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:
     """Rollout figures over every process's rollouts. GRPO runs log the IFPO weights too: the
     ones IFPO would have applied."""
     R = torch.tensor([r.total for r in rewards])
-    cols = torch.stack(
-        [
-            R,
-            torch.tensor([float(t.used_tool) for t in trajs]),
-            torch.tensor([float(t.label == "harmful") for t in trajs]),
-            weights,
-            (R.reshape(-1, group_size).amax(1) == R.reshape(-1, group_size).amin(1))
-            .float()
-            .repeat_interleave(group_size),
-            torch.tensor([float(sum(t.action_mask)) for t in trajs]),
-            torch.tensor([float(r.format_gate) for r in rewards]),
-            torch.tensor([float(t.faulty_calls) for t in trajs]),
-            torch.tensor([float(t.truncated) for t in trajs]),
-        ],
-        1,
-    )
-    R, tool, harmful, w, zero_spread, length, fmt, faulty, trunc = (
-        accelerator.gather(cols.to(accelerator.device)).cpu().T
-    )
+    groups = R.reshape(-1, group_size)
+    tied = (groups.amax(1) == groups.amin(1)).repeat_interleave(group_size).tolist()
+    rows = [  # one row per rollout; the rows of every process are gathered at once
+        (r.total, t.used_tool, t.label == "harmful", w, z, sum(t.action_mask), r.format_gate)
+        + (t.faulty_calls, t.truncated)
+        for t, r, w, z in zip(trajs, rewards, weights.tolist(), tied)
+    ]
+    cols = accelerator.gather(torch.tensor(rows, dtype=torch.float, device=accelerator.device))
+    R, tool, harmful, w, zero_spread, length, fmt, faulty, trunc = cols.cpu().T
     tool, harmful = tool.bool(), harmful.bool()
     # the mean of an empty selection (no harmful prompt this step, say) is nan
     return {
@@ -463,39 +453,26 @@ def policy_update(
     logprobs_fn=None,
 ) -> dict:
     """`updates_per_batch` optimizer steps on one batch of rollouts; loss = token mean over the
-    whole global batch (DAPO), accumulated over micro-batches of micro_batch_size rollouts.
-
-    """
+    whole global batch (DAPO), accumulated over micro-batches of micro_batch_size rollouts."""
     logprobs_fn = logprobs_fn or ascl.token_logprobs
     device = accelerator.device
     micro = update_batches(args, advantages)
-    batches = [
-        [
-            t.to(device)
-            for t in ascl.pad_batch(
-                [trajs[i].input_ids for i in idx], [trajs[i].action_mask for i in idx], pad_id
-            )
-        ]
-        for idx in micro
-    ]
+    batches = []  # each micro-batch as padded (ids, attention, action) tensors
+    for idx in micro:
+        ids, masks = [trajs[i].input_ids for i in idx], [trajs[i].action_mask for i in idx]
+        batches.append([t.to(device) for t in ascl.pad_batch(ids, masks, pad_id)])
     local_tokens = torch.tensor(float(sum(sum(t.action_mask) for t in trajs)), device=device)
     # DDP averages gradients over processes, so each process divides by the global count / world size
     num_tokens = max(accelerator.reduce(local_tokens, "sum").item(), 1.0) / accelerator.num_processes
 
     model.train()  # old and new log-probs in the same mode (dropout, if any, alike)
+    old = ref = None
     with torch.no_grad():
-        old = (
-            [logprobs_fn(model, *b, args.temperature)[0] for b in batches]
-            if args.updates_per_batch > 1
-            else None
-        )
-        ref = (
-            reference_logprobs(
-                accelerator.unwrap_model(model), ref_model, batches, args.temperature, logprobs_fn
-            )
-            if args.beta
-            else None
-        )
+        if args.updates_per_batch > 1:
+            old = [logprobs_fn(model, *b, args.temperature)[0] for b in batches]
+        if args.beta:
+            policy = accelerator.unwrap_model(model)
+            ref = reference_logprobs(policy, ref_model, batches, args.temperature, logprobs_fn)
     for _ in range(args.updates_per_batch):
         sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "entropy": 0.0, "ran": 0.0}
         for j, (idx, b) in enumerate(zip(micro, batches)):
