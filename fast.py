@@ -59,6 +59,7 @@ from transformers.cache_utils import DynamicLayer
 import ascl
 
 MIN_SHARED = 16  # a shared prefix shorter than this is not worth a forward of its own
+ENTROPY_CHUNK = 256  # trained tokens whose entropy is taken at once (each a vocabulary-wide row)
 
 
 def plain_kv_cache(model) -> bool:
@@ -243,8 +244,9 @@ def token_logprobs(model, ids, attention, action, temperature: float = 1.0, entr
     logprobs = logp.new_zeros(mask.shape).index_put(where, picked)
     if not entropy:
         return logprobs, mask
-    with torch.no_grad():
-        return logprobs, mask, logp.new_zeros(mask.shape).index_put(where, -(logp.exp() * logp).sum(-1))
+    with torch.no_grad():  # in chunks: exp(logp) of every trained token at once is the step's largest tensor
+        h = torch.cat([-(chunk.exp() * chunk).sum(-1) for chunk in logp.split(ENTROPY_CHUNK)])
+        return logprobs, mask, logp.new_zeros(mask.shape).index_put(where, h)
 
 
 def shared_prefix(ids, attention, action) -> int:
