@@ -20,6 +20,8 @@ What each speed-up does, and what it saved on the 2-core CPU with SmolLM2-135M (
    (`logits_to_keep`), so no full-vocabulary logits are made for prompts, tool results or padding;
    alone it saved little time (12.5 s -> 12.3 s above) but keeps the (B, T, V) logits out of memory.
    With 1., peak RSS of the same forward + backward: RL 6,125 -> 3,645 MiB, BC 8,807 -> 6,593 MiB.
+   The entropies (logged, no gradient) are taken ENTROPY_CHUNK trained tokens at a time: one RL
+   step's peak RSS 3,798 -> 3,638 MiB (benchmarks/bench_rl_step.py, medians of 2).
 3. Rollout turns: one prefill per distinct context, on top of a prefix prefilled once (`prefill`):
    a group's rollouts share their prompt, and every prompt starts with the system prompt, so plain
    `generate`, which prefills every row whole, runs about 16 times the prompt tokens it needs.
