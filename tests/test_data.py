@@ -109,6 +109,22 @@ def test_no_rule_category_is_only_ever_followed_by_a_refusal():
     assert closest["sensitive_tool"] == categories
 
 
+@pytest.mark.parametrize("name", TRAIN_SETS)
+def test_sentence_form_is_no_cue_to_refuse(name):
+    """Harmful and benign prompts are questions about equally often (math problems aside).
+
+    When most refusals answered commands ("Write a ...") and most benign rows were questions
+    ("How do I ...?"), BC models were safe on 73% of harmful commands but on 26% of harmful questions.
+    """
+    share = {}
+    for label in ("harmful", "sensitive"):
+        prompts = [
+            r["prompt"] for r in rows(name) if r["label"] == label and ev.MATH_INSTRUCTION not in r["prompt"]
+        ]
+        share[label] = sum(p.rstrip().endswith("?") for p in prompts) / len(prompts)
+    assert abs(share["harmful"] - share["sensitive"]) <= 0.1, share
+
+
 def test_every_demonstrated_turn_fits_the_default_rl_turn_budget(tokenizer, rule_book):
     """A turn cut off at --max_new_tokens earns reward 0 (P_f), a short refusal 0.5: with a budget
     below the demonstrated answers, RL learns to refuse because the answers do not fit."""
