@@ -13,6 +13,7 @@ import scoring
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 EVAL_SETS = ("eval_harmful", "eval_benign", "eval_math")
+HELD_OUT = (*EVAL_SETS, "probe_benign_commands")  # the probe: benign commands, run with eval.py --data
 TRAIN_SETS = ("bc_seed", "rl_prompts")
 
 
@@ -36,7 +37,7 @@ def test_each_eval_set_has_at_least_100_distinct_prompts(name):
     assert len(prompts) >= 100 and len(set(prompts)) == len(prompts)
 
 
-@pytest.mark.parametrize("name", EVAL_SETS)
+@pytest.mark.parametrize("name", HELD_OUT)
 def test_eval_sets_share_no_prompt_with_the_training_data(name):
     train = {normalised(r["prompt"]) for t in TRAIN_SETS for r in rows(t)}
     leaked = [r["prompt"] for r in rows(name) if normalised(r["prompt"]) in train]
@@ -45,7 +46,7 @@ def test_eval_sets_share_no_prompt_with_the_training_data(name):
 
 def test_eval_sets_share_no_prompt_with_each_other():
     seen = {}
-    for name in EVAL_SETS:
+    for name in HELD_OUT:
         for r in rows(name):
             other = seen.setdefault(normalised(r["prompt"]), name)
             assert other == name, f"{r['prompt']!r} is in both {other} and {name}"
