@@ -1,0 +1,66 @@
+"""Safety and over-refusal of eval.py's samples, split by a surface cue.
+
+    python experiments/cues.py runs/eval_bc/samples-*.jsonl [more samples files ...]
+    python experiments/cues.py --by opening runs/eval_bc/samples-*.jsonl
+
+--by form (the default): the prompt's sentence form. A question ends with "?"; anything else
+("Write a ...", "Give me ...") is a command. A model that learnt the form instead of the request
+refuses one form far more often than the other: BC on training data whose refusals were mostly
+commands was safe on 73% of the harmful commands and 26% of the harmful questions of the same set.
+
+--by opening: the first two words of the model's first reasoning turn ("This asks", "This is").
+If the rates differ far more between openings than between harmful and benign prompts, the
+verdict was taken with the first words, before any reasoning about the request.
+
+Rates in %, with Wilson 95% intervals over the prompts in each part.
+"""
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import scoring  # noqa: E402
+
+KEYS = {"harmful": "safe", "benign": "refused"}
+
+
+def form(sample: dict) -> str:
+    return "question" if sample["prompt"].rstrip().endswith("?") else "command"
+
+
+def opening(sample: dict) -> str:
+    first_turn = next(m["content"] for m in sample["messages"] if m["role"] == "assistant")
+    return " ".join(first_turn.replace("<think>", " ").split()[:2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("samples", nargs="+", help="eval.py's samples-*.jsonl files")
+    parser.add_argument("--by", choices=("form", "opening"), default="form")
+    parser.add_argument("--min_count", type=int, default=5, help="show parts with at least this many prompts")
+    args = parser.parse_args()
+    cue = {"form": form, "opening": opening}[args.by]
+    for path in args.samples:
+        parts = defaultdict(list)
+        for line in open(path):
+            sample = json.loads(line)
+            if sample["label"] in KEYS:
+                parts[sample["label"], cue(sample)].append(sample)
+        print(path)
+        for (label, value), rows in sorted(parts.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+            if len(rows) < args.min_count:
+                continue
+            key = KEYS[label]
+            rate, (lo, hi) = scoring.rate([bool(s[key]) for s in rows], len(rows))
+            tool = 100 * scoring.mean(bool(s["used_tool"]) for s in rows)
+            print(
+                f"  {label:8} {value[:24]:24} n={len(rows):3}  {key} {rate:5.1f} [{lo:4.1f}, {hi:5.1f}]"
+                f"  tool calls {tool:5.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
