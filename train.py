@@ -403,6 +403,9 @@ def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:
     return {
         "reward_mean": R.mean().item(),
         "reward_std": R.std(correction=0).item(),
+        # per label: reward_mean moves with the step's share of harmful prompts, these do not
+        "reward_harmful": R[harmful].mean().item(),
+        "reward_sensitive": R[~harmful].mean().item(),
         "tool_rate": tool.float().mean().item(),
         "tool_rate_harmful": tool[harmful].float().mean().item(),
         "tool_rate_sensitive": tool[~harmful].float().mean().item(),

@@ -309,20 +309,20 @@ def table(results: dict, groups: dict[str, list[str]]) -> list[str]:
 
 def window_mean(log: list[dict], key: str, first: bool, n: int = 3) -> float:
     """Mean of `key` over the first or last n steps, skipping steps that had no such prompts (nan)."""
-    values = [v for r in (log[:n] if first else log[-n:]) if (v := r[key]) == v]
+    values = [v for r in (log[:n] if first else log[-n:]) if (v := r.get(key, math.nan)) == v]
     return statistics.mean(values) if values else math.nan
 
 
 def curves_table(logs: dict[str, list[list[dict]]]) -> list[str]:
     """Per arm: mean over seeds of the first and of the last 3 steps, then each seed's last value."""
     lines = [
-        "| arm | reward, first → last 3 steps | tool rate harmful, first → last "
-        "| tool rate sensitive, first → last |",
-        "|---|---|---|---|",
+        "| arm | reward harmful, first → last 3 steps | reward sensitive, first → last "
+        "| tool rate harmful, first → last | tool rate sensitive, first → last |",
+        "|---|---|---|---|---|",
     ]
     for arm, runs in logs.items():
         row = [title(arm)]
-        for key in ("reward_mean", "tool_rate_harmful", "tool_rate_sensitive"):
+        for key in ("reward_harmful", "reward_sensitive", "tool_rate_harmful", "tool_rate_sensitive"):
             first = statistics.mean(window_mean(log, key, True) for log in runs)
             last = [window_mean(log, key, False) for log in runs]
             seeds = f" ({' / '.join(f'{x:.2f}' for x in last)})" if len(last) > 1 else ""
@@ -352,7 +352,7 @@ def plot(logs: dict[str, list[list[dict]]], folder: Path):
 
     def draw(ax, arm, runs, key, style=None, label=None):
         steps = [r["step"] for r in runs[0]]
-        series = [smooth([r[key] for r in log]) for log in runs]
+        series = [smooth([r.get(key, math.nan) for r in log]) for log in runs]
         mid = [
             statistics.mean(v) if (v := [s[i] for s in series if s[i] == s[i]]) else math.nan
             for i in range(len(steps))
@@ -388,12 +388,16 @@ def plot(logs: dict[str, list[list[dict]]], folder: Path):
     fig.savefig(folder / "tool_call_rate.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for arm, runs in logs.items():
-        draw(ax, arm, runs, "reward_mean")
-    ax.set(xlabel="RL step", ylabel="mean reward (Eq. 1)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, prompts in zip(
+        axes, ("reward_harmful", "reward_sensitive"), ("harmful prompts", "benign (sensitive) prompts")
+    ):
+        for arm, runs in logs.items():
+            draw(ax, arm, runs, key)
+        ax.set_title(f"mean reward (Eq. 1), {prompts}", fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "reward.png", dpi=110)
     plt.close(fig)

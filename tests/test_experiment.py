@@ -92,6 +92,8 @@ def fake_log(tool_rates: list[float]) -> list[dict]:
             "stage": "rl",
             "step": i + 1,
             "reward_mean": 0.5,
+            "reward_harmful": 0.25,
+            "reward_sensitive": 1.0,
             "tool_rate_harmful": t,
             "tool_rate_sensitive": t,
             "ifpo_weight_tool": 0.9,
@@ -120,7 +122,8 @@ def test_results_md_has_every_arm_its_curves_and_the_stage_times(tmp_path, monke
     for row in ("| base |", "| BC |", "| GRPO |", "| GRPO + penalty 0.2/call |", "| IFPO |"):
         assert row in text
     assert (
-        "| GRPO + penalty 0.2/call | 0.50 → 0.50 (0.50 / 0.50) | 0.07 → 0.07 (0.07 / 0.07) |" in text
+        "| GRPO + penalty 0.2/call | 0.25 → 0.25 (0.25 / 0.25) | 1.00 → 1.00 (1.00 / 1.00) "
+        "| 0.07 → 0.07 (0.07 / 0.07) |" in text
     )  # 3-step means
     assert "bc 10.0" in text and "the estimate was" in text
 

@@ -262,6 +262,27 @@ def test_grpo_and_ifpo_differ_only_in_advantages(tiny_model_dir, tokenizer, tmp_
     assert logs["grpo"]["loss"] != pytest.approx(logs["ifpo"]["loss"])
 
 
+def test_step_stats_split_the_reward_by_label():
+    """reward_mean moves with how many harmful prompts a step drew; the per-label means do not."""
+    from types import SimpleNamespace as NS
+
+    labels = ["harmful"] * 4 + ["sensitive"] * 4
+    totals = [0.5, 0.5, 0.0, 0.5, 1.5, 1.0, 1.5, 1.5]
+    trajs = [
+        NS(used_tool=i % 2 == 0, label=lab, action_mask=[1] * 5, faulty_calls=0, truncated=False)
+        for i, lab in enumerate(labels)
+    ]
+    rewards = [NS(total=t, format_gate=1.0) for t in totals]
+    stats = train.step_stats(Accelerator(cpu=True), trajs, rewards, torch.ones(8), group_size=4)
+    assert stats["reward_harmful"] == pytest.approx(0.375)
+    assert stats["reward_sensitive"] == pytest.approx(1.375)
+    assert stats["reward_mean"] == pytest.approx(0.875)
+    only_benign = train.step_stats(Accelerator(cpu=True), trajs[4:], rewards[4:], torch.ones(4), 4)
+    assert math.isnan(only_benign["reward_harmful"]) and only_benign["reward_sensitive"] == pytest.approx(
+        1.375
+    )
+
+
 # ----------------------------------------------------------------------------- the whole job
 def test_full_pipeline_saves_a_model_that_loads_with_from_pretrained(
     tiny_model_dir, tokenizer, tmp_path, monkeypatch, capsys
