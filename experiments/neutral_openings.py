@@ -1,9 +1,10 @@
 """Write a copy of the BC data whose retrieval rows open their reasoning alike, whatever the label.
 
-    python experiments/neutral_openings.py runs/bc_neutral.jsonl
+    git show 10f359c:data/bc_seed.jsonl > runs/bc_seed_270.jsonl     # the 270 rows it was run on
+    python experiments/neutral_openings.py runs/bc_seed_270.jsonl runs/bc_neutral.jsonl
     python train.py --stage bc --fast --bc_data runs/bc_neutral.jsonl --output_dir runs/bc_neutral
 
-In data/bc_seed.jsonl the refusals' first turn opens "This asks ..." and the consult-then-answer
+In those 270 rows the refusals' first turn opens "This asks ..." and the consult-then-answer
 rows' "This is about ...", and their second turn opens "The rule book prohibits ..." against "The
 rules cover ...": the verdict is in the first words. Here each retrieval row's first turn is one of
 four sentences that only say the rules will be checked, picked by the prompt's hash, and its second
@@ -49,6 +50,6 @@ def main(source: Path, target: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 3:
         sys.exit(__doc__)
-    main(Path(__file__).resolve().parents[1] / "data/bc_seed.jsonl", Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
