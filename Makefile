@@ -27,7 +27,7 @@ lint: $(BIN)/.installed
 clean:
 	rm -rf $(VENV) .venv-bench
 
-# GRPO, GRPO + per-call penalty and IFPO on the embedded model (about 1 h 50 min on a 2-core CPU); matplotlib only for its plots
+# GRPO, GRPO + per-call penalty and IFPO on the embedded model (just under 2 h on a 2-core CPU); matplotlib only for its plots
 experiment: $(BIN)/.installed
 	$(BIN)/pip install -q matplotlib
 	HF_HUB_OFFLINE=1 $(BIN)/python experiments/grpo_vs_ifpo.py
