@@ -2,6 +2,7 @@
 
     python experiments/cues.py runs/eval_bc/samples-*.jsonl [more samples files ...]
     python experiments/cues.py --by opening runs/eval_bc/samples-*.jsonl
+    python experiments/cues.py --by lookup runs/eval_bc/samples-*.jsonl
 
 --by form (the default): the prompt's sentence form. A question ends with "?"; anything else
 ("Write a ...", "Give me ...") is a command. A model that learnt the form instead of the request
@@ -11,6 +12,10 @@ commands was safe on 73% of the harmful commands and 26% of the harmful question
 --by opening: the first two words of the model's first reasoning turn ("This asks", "This is").
 If the rates differ far more between openings than between harmful and benign prompts, the
 verdict was taken with the first words, before any reasoning about the request.
+
+--by lookup: whether the model consulted the rule book. A model that reads the retrieved rule
+refuses harmful prompts after a look-up and answers benign ones; one that refuses whatever comes
+back refuses both.
 
 Rates in %, with Wilson 95% intervals over the prompts in each part.
 """
@@ -36,13 +41,17 @@ def opening(sample: dict) -> str:
     return " ".join(first_turn.replace("<think>", " ").split()[:2])
 
 
+def lookup(sample: dict) -> str:
+    return "consulted" if sample["used_tool"] else "no look-up"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("samples", nargs="+", help="eval.py's samples-*.jsonl files")
-    parser.add_argument("--by", choices=("form", "opening"), default="form")
+    parser.add_argument("--by", choices=("form", "opening", "lookup"), default="form")
     parser.add_argument("--min_count", type=int, default=5, help="show parts with at least this many prompts")
     args = parser.parse_args()
-    cue = {"form": form, "opening": opening}[args.by]
+    cue = {"form": form, "opening": opening, "lookup": lookup}[args.by]
     for path in args.samples:
         parts = defaultdict(list)
         for line in open(path):

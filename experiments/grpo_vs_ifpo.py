@@ -61,9 +61,9 @@ COLORS = {
 
 # Per-unit costs on the 2-core CPU with the embedded model, on the --fast path every command here
 # takes (fast.py: the plain path's tokens, log-probs and gradients, sooner): a BC turn sample
-# ≈ 1.2 s (1,560 samples of the 480-row data in 31 min), an RL rollout ≈ 3.1 s (12 steps of 32 rollouts from the BC
-# checkpoint, 160-token turns, rollout and update), an eval prompt ≈ 1.8 s (128-token turns, batches
-# of 20). results.md records what each stage really took.
+# ≈ 1.2 s (1,560 samples of the 480-row data in 31 min), an RL rollout ≈ 3.1 s (12 steps of 32
+# rollouts from the BC checkpoint, 160-token turns, rollout and update), an eval prompt ≈ 1.8 s
+# (128-token turns, batches of 20). results.md records what each stage really took.
 RL_S_PER_ROLLOUT = 3.1
 BC_S_PER_SAMPLE = 1.2
 EVAL_S_PER_PROMPT = 1.8
