@@ -372,35 +372,32 @@ def plot(logs: dict[str, list[list[dict]]], folder: Path):
             hi = [max((s[i] for s in series if s[i] == s[i]), default=math.nan) for i in range(len(steps))]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, key, prompts in zip(
-        axes, ("tool_rate_harmful", "tool_rate_sensitive"), ("harmful prompts", "benign (sensitive) prompts")
-    ):
-        for arm, runs in logs.items():
-            draw(ax, arm, runs, key)
-        ax.set_title(f"tool-call rate, {prompts}", fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of rollouts that called the tool")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "tool_call_rate.png", dpi=110)
-    plt.close(fig)
+    def by_label(what: str, keys: tuple[str, str], filename: str, ylabel: str | None = None, ylim=None):
+        """Two panels, harmful and benign prompts, every arm on each."""
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for ax, key, prompts in zip(axes, keys, ("harmful prompts", "benign (sensitive) prompts")):
+            for arm, runs in logs.items():
+                draw(ax, arm, runs, key)
+            ax.set_title(f"{what}, {prompts}", fontsize=10)
+            ax.set_xlabel("RL step")
+            if ylim:
+                ax.set_ylim(*ylim)
+            ax.grid(alpha=0.3)
+        if ylabel:
+            axes[0].set_ylabel(ylabel)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / filename, dpi=110)
+        plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, key, prompts in zip(
-        axes, ("reward_harmful", "reward_sensitive"), ("harmful prompts", "benign (sensitive) prompts")
-    ):
-        for arm, runs in logs.items():
-            draw(ax, arm, runs, key)
-        ax.set_title(f"mean reward (Eq. 1), {prompts}", fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "reward.png", dpi=110)
-    plt.close(fig)
+    by_label(
+        "tool-call rate",
+        ("tool_rate_harmful", "tool_rate_sensitive"),
+        "tool_call_rate.png",
+        "share of rollouts that called the tool",
+        (-0.03, 1.03),
+    )
+    by_label("mean reward (Eq. 1)", ("reward_harmful", "reward_sensitive"), "reward.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for arm, runs in logs.items():
