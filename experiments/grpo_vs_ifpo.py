@@ -22,7 +22,7 @@ it stopped:
      experiments/*.png (tool-call rates, reward, IFPO weights over RL steps), written from the logs
 
 Budget (2-core CPU, embedded SmolLM2-135M; the per-unit costs below, on the --fast path): the
-defaults come to about 1 h 40 min, --refined_bc adds about 45 min. Scale up with --steps, --seeds,
+defaults come to about 1 h 55 min, --refined_bc adds about an hour. Scale up with --steps, --seeds,
 --prompts_per_step, --limit; on a GPU, --model, --train_args and --eval_args give the paper's
 setting (README).
 """
@@ -60,13 +60,14 @@ COLORS = {
 }  # from the refined BC
 
 # Per-unit costs on the 2-core CPU with the embedded model, on the --fast path every command here
-# takes (fast.py: the plain path's tokens, log-probs and gradients, sooner): a BC turn sample
-# ≈ 1.2 s (1,560 samples of the 480-row data in 31 min), an RL rollout ≈ 3.1 s (12 steps of 32
-# rollouts from the BC checkpoint, 160-token turns, rollout and update), an eval prompt ≈ 1.8 s
-# (128-token turns, batches of 20). results.md records what each stage really took.
-RL_S_PER_ROLLOUT = 3.1
+# takes (fast.py: the plain path's tokens, log-probs and gradients, sooner), from the experiment's
+# run at --steps 12 (results.md): a BC turn sample ≈ 1.2 s (1,560 samples of the 480-row data in
+# 31 min), an RL rollout ≈ 4.3 s (a run of 12 steps × 16 rollouts, 160-token turns, rollout and
+# update, took 12.5-16.4 min), an eval prompt ≈ 1.4 s (128-token turns, batches of 20; 2.4 min a
+# trained model). results.md records what each stage really took.
+RL_S_PER_ROLLOUT = 4.3
 BC_S_PER_SAMPLE = 1.2
-EVAL_S_PER_PROMPT = 1.8
+EVAL_S_PER_PROMPT = 1.4
 LOAD_S = 20  # starting a subprocess and loading the model
 
 
@@ -78,7 +79,7 @@ def title(arm: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=12, help="RL steps per run")
+    p.add_argument("--steps", type=int, default=9, help="RL steps per run")
     p.add_argument("--prompts_per_step", type=int, default=2, help="× --group_size rollouts per RL step")
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--limit", type=int, default=30, help="eval prompts per bundled set (0 = all, 100+)")
