@@ -305,13 +305,32 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, chat, samples
 
 
 # ----------------------------------------------------------------------------- reinforcement learning
+def stratified_order(prompts: list[dict], seed: int) -> list[int]:
+    """A seeded shuffle of the prompts' indices in which each label's prompts are spread evenly, so
+    every run of consecutive prompts holds each label in about its share of the data: a step of
+    2 prompts from a 1:1 mix holds one of each, where a plain shuffle gives half the steps one label.
+
+    >>> rows = [{"label": "harmful"}] * 3 + [{"label": "sensitive"}] * 3
+    >>> [rows[i]["label"][0] for i in stratified_order(rows, seed=0)]
+    ['h', 's', 'h', 's', 'h', 's']
+    """
+    rng = random.Random(seed)
+    keyed = []
+    for label in sorted({p["label"] for p in prompts}):
+        indices = [i for i, p in enumerate(prompts) if p["label"] == label]
+        rng.shuffle(indices)
+        offset = rng.random()
+        keyed += [((n + offset) / len(indices), i) for n, i in enumerate(indices)]
+    return [i for _, i in sorted(keyed)]
+
+
 def prompts_for_step(prompts: list[dict], step: int, args: Args, accelerator: Accelerator) -> list[dict]:
-    """This process's prompts for a step: a seeded shuffle per epoch, so resuming needs only the step."""
+    """This process's prompts for a step: a seeded, label-stratified shuffle per epoch, so each step
+    holds harmful and benign prompts in about --harmful_fraction and resuming needs only the step."""
     global_batch = args.prompts_per_step * accelerator.num_processes
     per_epoch = len(prompts) // global_batch
     epoch, k = divmod(step, per_epoch)
-    order = list(range(len(prompts)))
-    random.Random(args.seed + epoch).shuffle(order)
+    order = stratified_order(prompts, args.seed + epoch)
     start = k * global_batch + accelerator.process_index * args.prompts_per_step
     return [prompts[i] for i in order[start : start + args.prompts_per_step]]
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -281,6 +282,38 @@ def test_step_stats_split_the_reward_by_label():
     assert math.isnan(only_benign["reward_harmful"]) and only_benign["reward_sensitive"] == pytest.approx(
         1.375
     )
+
+
+@pytest.mark.parametrize(
+    "harmful, sensitive, per_step, processes, harmful_per_step",
+    [(6, 6, 2, 1, 1), (4, 10, 7, 1, 2), (6, 6, 1, 2, 1), (3, 9, 4, 1, 1)],
+)
+def test_every_step_draws_the_labels_in_their_share(
+    harmful, sensitive, per_step, processes, harmful_per_step
+):
+    """The draw is stratified by label: each step (all processes together) holds the data's share of
+    harmful prompts, each epoch still visits every prompt once, and epochs are shuffled differently."""
+    from types import SimpleNamespace as NS
+
+    prompts = [{"prompt": f"h{i}", "label": "harmful"} for i in range(harmful)]
+    prompts += [{"prompt": f"s{i}", "label": "sensitive"} for i in range(sensitive)]
+    random.Random(0).shuffle(prompts)
+    args = NS(prompts_per_step=per_step, seed=3)
+    per_epoch = len(prompts) // (per_step * processes)
+
+    def step(k):
+        return [
+            p["prompt"]
+            for rank in range(processes)
+            for p in train.prompts_for_step(prompts, k, args, NS(num_processes=processes, process_index=rank))
+        ]
+
+    epochs = [[step(e * per_epoch + k) for k in range(per_epoch)] for e in range(2)]
+    for epoch in epochs:
+        assert [sum(p[0] == "h" for p in s) for s in epoch] == [harmful_per_step] * per_epoch
+        assert sorted(p for s in epoch for p in s) == sorted(p["prompt"] for p in prompts)
+    assert epochs[0] != epochs[1]
+    assert step(5) == step(5)  # a resumed run draws what the uninterrupted one drew
 
 
 # ----------------------------------------------------------------------------- the whole job
