@@ -3,6 +3,7 @@
     python experiments/cues.py runs/eval_bc/samples-*.jsonl [more samples files ...]
     python experiments/cues.py --by opening runs/eval_bc/samples-*.jsonl
     python experiments/cues.py --by lookup runs/eval_bc/samples-*.jsonl
+    python experiments/cues.py --by length runs/eval_bc/samples-*.jsonl
 
 --by form (the default): the prompt's sentence form. A question ends with "?"; anything else
 ("Write a ...", "Give me ...") is a command. A model that learnt the form instead of the request
@@ -16,6 +17,9 @@ verdict was taken with the first words, before any reasoning about the request.
 --by lookup: whether the model consulted the rule book. A model that reads the retrieved rule
 refuses harmful prompts after a look-up and answers benign ones; one that refuses whatever comes
 back refuses both.
+
+--by length: the prompt's length, up to 10 words or longer. BC data whose refusals are long
+requests and whose direct answers are short teaches that a short request needs no look-up.
 
 Rates in %, with Wilson 95% intervals over the prompts in each part.
 """
@@ -45,13 +49,17 @@ def lookup(sample: dict) -> str:
     return "consulted" if sample["used_tool"] else "no look-up"
 
 
+def length(sample: dict) -> str:
+    return "up to 10 words" if len(sample["prompt"].split()) <= 10 else "over 10 words"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("samples", nargs="+", help="eval.py's samples-*.jsonl files")
-    parser.add_argument("--by", choices=("form", "opening", "lookup"), default="form")
+    parser.add_argument("--by", choices=("form", "opening", "lookup", "length"), default="form")
     parser.add_argument("--min_count", type=int, default=5, help="show parts with at least this many prompts")
     args = parser.parse_args()
-    cue = {"form": form, "opening": opening, "lookup": lookup}[args.by]
+    cue = {"form": form, "opening": opening, "lookup": lookup, "length": length}[args.by]
     for path in args.samples:
         parts = defaultdict(list)
         for line in open(path):
