@@ -19,7 +19,8 @@ refuses harmful prompts after a look-up and answers benign ones; one that refuse
 back refuses both.
 
 --by length: the prompt's length, up to 10 words or longer. BC data whose refusals are long
-requests and whose direct answers are short teaches that a short request needs no look-up.
+requests and whose direct answers are short could teach that a short request needs no look-up
+(shortening 41 refusal prompts did not raise look-ups: experiments/README.md).
 
 Rates in %, with Wilson 95% intervals over the prompts in each part.
 """
