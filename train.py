@@ -255,9 +255,8 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, chat, samples
     P, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = math.ceil(len(samples) / (args.bc_batch_size * P))
     total = steps_per_epoch * args.bc_epochs
-    if (
-        args.gradient_checkpointing
-    ):  # activations are most of BC's memory: about 2 MB a token for 135M in fp32
+    if args.gradient_checkpointing:
+        # activations are most of BC's memory: about 2 MB a token for 135M in fp32
         enable_checkpointing(model)
     optimizer = make_optimizer(model, args.bc_lr)
     scheduler = warmup_cosine(optimizer, math.ceil(args.bc_warmup * total), total)
@@ -802,9 +801,8 @@ def load_data(
 # ----------------------------------------------------------------------------- main
 def main(args: Args):
     check_args(args)
-    if (
-        args.gradient_checkpointing
-    ):  # memory over time: glibc would keep freed tensors (RSS creeps up), ~20% slower
+    if args.gradient_checkpointing:
+        # memory over time: glibc would keep freed tensors (RSS creeps up), ~20% slower
         plumbing.return_freed_memory()
     resume_from, resume_step = resume_point(args)
     model_name = str(resume_from) if resume_from else args.model
