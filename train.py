@@ -88,7 +88,7 @@ class Args:
     )
     updates_per_batch: int = arg(1, "optimizer steps on each batch of rollouts (1 = on-policy)")
     max_new_tokens: int = arg(
-        160, "tokens per model turn; above the longest demonstrated turn (129), or answers are cut off"
+        160, "tokens per model turn; above the longest demonstrated turn (135), or answers are cut off"
     )
     max_tool_calls: int = arg(2, "tool calls executed per rollout; a turn going past it ends the rollout")
     max_total_tokens: int = arg(1024, "tokens per conversation: prompt, turns and tool results")
