@@ -48,9 +48,7 @@ def features(model, contexts: list[list[int]], batch_size: int = 16) -> torch.Te
     rows = []
     for start in range(0, len(contexts), batch_size):
         seqs = contexts[start : start + batch_size]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        ids, mask, _ = ascl.pad_batch(seqs, [[0] * len(s) for s in seqs], pad_id=0)  # no action mask
         states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         n = len(states) - 1
         last = mask.sum(1) - 1
