@@ -126,6 +126,15 @@ def main():
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     parser.add_argument("--after_lookup", nargs="+", default=None, help="eval.py samples files of --model")
     args = parser.parse_args()
+    if args.after_lookup is not None:
+        samples = [s for path in args.after_lookup for s in read_jsonl(path) if s.get("used_tool")]
+        harmful = [s for s in samples if s["label"] == "harmful"]
+        benign = [s for s in samples if s["label"] == "benign"]  # math prompts left out
+        if not harmful or not benign:
+            raise SystemExit(
+                "--after_lookup needs samples that looked the rules up on harmful and on benign prompts; "
+                f"these have {len(harmful)} and {len(benign)}"
+            )
     torch.manual_seed(0)
     model = load_model(args.model).eval()
     chat = ascl.ChatFormat(load_tokenizer(args.model))
@@ -144,9 +153,6 @@ def main():
 
     rule_book = ascl.RuleBook.from_json()
     train = [r for r in bc if r.get("query")]
-    samples = [s for path in args.after_lookup for s in read_jsonl(path) if s.get("used_tool")]
-    harmful = [s for s in samples if s["label"] == "harmful"]
-    benign = [s for s in samples if s["label"] == "benign"]  # math prompts left out
     x_train = features(model, first_turn_contexts(chat, train, rule_book))
     x_harmful = features(model, sampled_first_turn_contexts(chat, harmful))
     x_benign = features(model, sampled_first_turn_contexts(chat, benign))

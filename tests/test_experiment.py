@@ -204,3 +204,21 @@ def test_probe_features_do_not_depend_on_padding_and_the_probe_separates_separab
     x = torch.randn(40, 5, generator=gen) + 3 * y[:, None] * torch.tensor([1.0, -1.0, 0, 0, 0])
     w, b = probe.fit_probe(x, y)
     assert ((x @ w + b > 0).float() == y).all()
+
+
+def test_probe_after_lookup_refuses_samples_without_look_ups_before_loading_a_model(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location("probe", ROOT / "experiments/probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    path = tmp_path / "samples.jsonl"
+    rows = [{"label": "harmful", "prompt": "p", "used_tool": True, "refused": True, "messages": []}]
+    rows += [{"label": "benign", "prompt": "q", "used_tool": False, "refused": False, "messages": []}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(
+        sys, "argv", ["probe.py", "--model", str(tmp_path / "absent"), "--after_lookup", str(path)]
+    )
+    with pytest.raises(SystemExit, match="these have 1 and 0"):
+        probe.main()
