@@ -22,7 +22,7 @@ it stopped:
      experiments/*.png (tool-call rates, reward, IFPO weights over RL steps), written from the logs
 
 Budget (2-core CPU, embedded SmolLM2-135M; the per-unit costs below, on the --fast path): the
-defaults come to about 1 h 55 min, --refined_bc adds about an hour. Scale up with --steps, --seeds,
+defaults come to about 1 h 58 min, --refined_bc adds about an hour. Scale up with --steps, --seeds,
 --prompts_per_step, --limit; on a GPU, --model, --train_args and --eval_args give the paper's
 setting (README).
 """
@@ -79,7 +79,7 @@ def title(arm: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=9, help="RL steps per run")
+    p.add_argument("--steps", type=int, default=7, help="RL steps per run")
     p.add_argument("--prompts_per_step", type=int, default=2, help="× --group_size rollouts per RL step")
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--limit", type=int, default=30, help="eval prompts per bundled set (0 = all, 100+)")
