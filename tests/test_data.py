@@ -44,6 +44,28 @@ def test_eval_sets_share_no_prompt_with_the_training_data(name):
     assert not leaked, f"{name}.jsonl prompts also in the training data: {leaked}"
 
 
+FUNCTION_WORDS = set(
+    "a an the of to in on for and or my i me how do does what what's is are be can you your with from at by "
+    "it this that about into as so i'm should would could get".split()
+)
+
+
+def content_words(prompt: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9']+", normalised(prompt)) if w not in FUNCTION_WORDS}
+
+
+@pytest.mark.parametrize("name", HELD_OUT)
+def test_no_training_prompt_paraphrases_a_held_out_one(name):
+    """Sharing most content words is a reworded copy ("the difference between a felony and a
+    misdemeanor" for "... a misdemeanor and a felony"), which the exact comparison above misses."""
+    train = [(r["prompt"], content_words(r["prompt"])) for t in TRAIN_SETS for r in rows(t)]
+    close = []
+    for r in rows(name):
+        words = content_words(r["prompt"])
+        close += [(r["prompt"], p) for p, w in train if len(words & w) / len(words | w) > 0.55]
+    assert not close, f"{name}.jsonl prompts reworded in the training data: {close}"
+
+
 def test_eval_sets_share_no_prompt_with_each_other():
     seen = {}
     for name in HELD_OUT:
