@@ -17,6 +17,7 @@ import copy
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +67,11 @@ class Args:
     bc_lr: float = arg(1e-4, "BC learning rate (paper: 1e-5, for 4B-14B models)")
     bc_batch_size: int = arg(8, "BC samples per optimizer step, per process")
     bc_warmup: float = arg(0.05, "share of BC steps spent warming the learning rate up")
+    bc_balance: bool = arg(
+        True,
+        "weigh each BC conversation by n / (labels x its label's count), so that the refusals "
+        "(harmful) and the answers (benign) count equally in the loss however many rows each has",
+    )
     # reinforcement learning (paper: 16 prompts x 8 rollouts, lr 1e-6, warmup 10%, 2 epochs, 8192 tokens)
     adv: str = arg("ifpo", "ifpo (Eqs. 2-4) | grpo (Eq. 2 alone)")
     tau: float = arg(0.5, "IFPO's tau: 0 = GRPO, 1 = both behaviours equal total weight")
@@ -129,10 +135,24 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- behaviour-cloning samples
+def balanced_weights(conversations: list[dict]) -> list[dict]:
+    """The conversations, each with a loss weight n / (labels x count of its label): every label
+    then weighs as much in all, as if the rarer ones were repeated (scikit-learn's "balanced").
+
+    >>> rows = [{"label": "harmful"}] + [{"label": "sensitive"}] * 3
+    >>> [c["weight"] for c in balanced_weights(rows)]
+    [2.0, 0.6666666666666666, 0.6666666666666666, 0.6666666666666666]
+    """
+    counts = Counter(c["label"] for c in conversations)
+    share = len(conversations) / len(counts)
+    return [{**c, "weight": share / counts[c["label"]]} for c in conversations]
+
+
 def bc_samples(
     chat: ascl.ChatFormat, conversations: list[dict], max_total_tokens: int
-) -> list[tuple[list[int], list[int]]]:
-    """One (ids, action_mask) sample per model turn, loss on that turn only (docs/method.md section 3).
+) -> list[tuple[list[int], list[int], float]]:
+    """One (ids, action_mask, weight) sample per model turn, loss on that turn only (docs/method.md
+    section 3); the weight is its conversation's ("weight", 1 if none).
 
     A conversation think+call -> tool -> answer gives two samples:
       [prompt | turn 1]                    mask 0..0 1..1
@@ -145,7 +165,7 @@ def bc_samples(
         ids, _, spans = chat.encode_conversation(c["prompt"], c["turns"], c["tool_results"])
         for start, end in spans:
             if end <= max_total_tokens:
-                samples.append((ids[:end], [0] * start + [1] * (end - start)))
+                samples.append((ids[:end], [0] * start + [1] * (end - start), c.get("weight", 1.0)))
             else:
                 too_long += 1
     if not samples:
@@ -244,7 +264,8 @@ def bc_batches(lengths: list[int], batch_size: int, rng: random.Random, group: i
 
 
 def behaviour_cloning(args: Args, accelerator: Accelerator, model, chat, samples, logprobs_fn=None):
-    """Next-token loss on the model's turns, token mean over each global batch of per-turn samples.
+    """Next-token loss on the model's turns, token mean over each global batch of per-turn samples
+    (each sample's tokens counted with its weight).
 
     Every process builds the same global batches (bc_batch_size per process) and takes its
     share, so all run the same number of optimizer steps whatever the sample count; a
@@ -266,20 +287,22 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, chat, samples
     bar = tqdm(total=total, desc="behaviour cloning", disable=not accelerator.is_main_process)
     step = 0
     for epoch in range(args.bc_epochs):
-        for batch in bc_batches([len(ids) for ids, _ in samples], args.bc_batch_size * P, rng):
-            num_tokens = sum(sum(samples[i][1]) for i in batch)  # the global batch's, known to every process
+        for batch in bc_batches([len(ids) for ids, _, _ in samples], args.bc_batch_size * P, rng):
+            # the global batch's weighted token count, known to every process
+            num_tokens = sum(samples[i][2] * sum(samples[i][1]) for i in batch)
             mine = batch[rank * args.bc_batch_size : (rank + 1) * args.bc_batch_size]
             weight, mine = (1.0, mine) if mine else (0.0, batch[:1])
             parts = [mine[k : k + args.micro_batch_size] for k in range(0, len(mine), args.micro_batch_size)]
             nll = torch.zeros((), device=accelerator.device)
             for j, part in enumerate(parts):  # gradient accumulation, micro_batch_size samples a forward
                 with contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model):
-                    seqs, masks = zip(*(samples[i] for i in part))
+                    seqs, masks, weights = zip(*(samples[i] for i in part))
                     ids, attention, action = (
                         t.to(accelerator.device) for t in ascl.pad_batch(seqs, masks, chat.pad_id)
                     )
                     logprobs, _ = logprobs_fn(model, ids, attention, action)
-                    part_nll = -logprobs.sum() * weight
+                    weights = torch.tensor(weights, device=accelerator.device)
+                    part_nll = -(logprobs.sum(1) * weights).sum() * weight
                     # DDP averages gradients over processes: scale so the result is the global token mean
                     accelerator.backward(part_nll * P / max(num_tokens, 1))
                 nll += part_nll.detach()
@@ -781,6 +804,8 @@ def load_data(
         conversations = plumbing.drop_long_prompts(
             conversations, chat, args.max_new_tokens, args.max_total_tokens, args.bc_data
         )
+        if args.bc_balance:
+            conversations = balanced_weights(conversations)
         bc = bc_samples(chat, conversations, args.max_total_tokens)
     if args.stage in ("rl", "all"):
         rl = sources.load_rl_prompts(args.rl_data, args.harmful_fraction, args.max_prompts, args.seed)

@@ -300,8 +300,9 @@ def test_nll_is_taken_over_the_tokens_bc_trains_on(tokenizer, tiny_model, rule_b
         1
     ]
     samples = train.bc_samples(chat, convs, budget)
+    seqs, masks, _ = zip(*samples)
     with torch.no_grad():
-        lp, mask = ascl.token_logprobs(tiny_model, *ascl.pad_batch(*zip(*samples), chat.pad_id))
+        lp, mask = ascl.token_logprobs(tiny_model, *ascl.pad_batch(seqs, masks, chat.pad_id))
     sums = refine.nll_sums(tiny_model, chat, convs, budget, 2)
     assert sum(n for _, n in sums) == int(mask.sum()) and len(samples) == 2
     assert refine.mean_nll(sums) == pytest.approx(float(-lp.sum() / mask.sum()), rel=1e-4)

@@ -64,7 +64,7 @@ def read_log(out):
 def test_tool_conversation_gives_one_sample_per_model_turn(tokenizer, rule_book):
     chat = ascl.ChatFormat(tokenizer)
     turns, results = sources.seed_row_to_conversation(SEED_TOOL_ROW, rule_book)
-    (ids1, mask1), (ids2, mask2) = train.bc_samples(
+    (ids1, mask1, w1), (ids2, mask2, w2) = train.bc_samples(
         chat, [{"prompt": SEED_TOOL_ROW["prompt"], "turns": turns, "tool_results": results}], 4096
     )
     turn1 = chat.encode(turns[0]) + [chat.end_of_turn_id]
@@ -73,6 +73,7 @@ def test_tool_conversation_gives_one_sample_per_model_turn(tokenizer, rule_book)
     assert [i for i, m in zip(ids2, mask2) if m] == turn2 and ids2[-len(turn2) :] == turn2
     assert ids2[: len(ids1)] == ids1  # sample 2 sees turn 1 and the tool result as context, untrained
     assert "<tool_response>" in tokenizer.decode(ids2[len(ids1) : -len(turn2)])
+    assert w1 == w2 == 1.0  # no "weight" in the conversation
 
 
 def test_bc_tool_results_come_from_the_rule_book(rule_book):
@@ -932,6 +933,22 @@ def test_bc_takes_one_step_per_batch_of_model_turns(tiny_model_dir, tmp_path):
     )
     assert summary["bc_samples"] == 10 and summary["bc_steps"] == 6
     assert [r["epoch"] for r in read_log(tmp_path)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_bc_balance_weighs_a_label_as_if_its_rows_were_repeated(tiny_model_dir, tmp_path):
+    """--bc_balance (the default): one refusal row and two answer rows weigh 1.5 and 0.75, which
+    trains exactly as the refusal row written twice, unweighted: same loss, same step."""
+    answers = [{**SEED_DIRECT_ROW, "prompt": f"Question {k}?"} for k in range(2)]
+    balanced = write_jsonl(tmp_path / "balanced.jsonl", [SEED_TOOL_ROW] + answers)
+    repeated = write_jsonl(tmp_path / "repeated.jsonl", [SEED_TOOL_ROW] * 2 + answers)
+    common = dict(stage="bc", bc_epochs=1, bc_batch_size=8, bc_lr=1e-3, bc_warmup=0.0, show=False)
+    train.main(rl_args(tiny_model_dir, tmp_path / "b", bc_data=balanced, **common))
+    train.main(rl_args(tiny_model_dir, tmp_path / "r", bc_data=repeated, bc_balance=False, **common))
+    train.main(rl_args(tiny_model_dir, tmp_path / "u", bc_data=balanced, bc_balance=False, **common))
+    (b,), (r,), (u,) = read_log(tmp_path / "b"), read_log(tmp_path / "r"), read_log(tmp_path / "u")
+    # the untrained tiny model's losses all sit near log(vocabulary); unweighted is still apart
+    assert b["loss"] == pytest.approx(r["loss"], rel=1e-6) and abs(b["loss"] - u["loss"]) > 1e-4
+    assert_same_final_weights(tmp_path / "b", tmp_path / "r")
 
 
 def test_every_step_trains_at_a_learning_rate_above_zero(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
