@@ -163,6 +163,18 @@ def test_every_demonstrated_turn_fits_the_default_rl_turn_budget(tokenizer, rule
     assert 100 < longest <= budget - 16, (longest, budget)  # room to spare for a sampled turn
 
 
+def test_bc_reasoning_opens_with_its_verdict():
+    """The decision in one place and the same words in every row (data/README.md): the first turn
+    opens with the verdict on the request, the turn after a look-up with whether the rule applies."""
+    for r in rows("bc_seed"):
+        harmful = r["label"] == "harmful"
+        first = "This request may be harmful." if harmful else "This request seems fine."
+        assert r["think"].startswith(first + " "), r["prompt"]
+        if r["think_after"]:
+            after = "The rule applies." if harmful else "The rule does not apply."
+            assert r["think_after"].startswith(after + " "), r["prompt"]
+
+
 def test_bc_math_rows_use_the_eval_protocol_and_end_with_the_right_answer_line():
     maths = [r for r in rows("bc_seed") if r["kind"] == "math_direct"]
     for r in maths:
