@@ -289,24 +289,24 @@ def behaviour_cloning(args: Args, accelerator: Accelerator, model, chat, samples
     for epoch in range(args.bc_epochs):
         for batch in bc_batches([len(ids) for ids, _, _ in samples], args.bc_batch_size * P, rng):
             # the global batch's weighted token count, known to every process
-            num_tokens = sum(samples[i][2] * sum(samples[i][1]) for i in batch)
+            num_tokens = sum(samples[i][2] * sum(samples[i][1]) for i in batch) or 1.0
             mine = batch[rank * args.bc_batch_size : (rank + 1) * args.bc_batch_size]
             weight, mine = (1.0, mine) if mine else (0.0, batch[:1])
             parts = [mine[k : k + args.micro_batch_size] for k in range(0, len(mine), args.micro_batch_size)]
             nll = torch.zeros((), device=accelerator.device)
             for j, part in enumerate(parts):  # gradient accumulation, micro_batch_size samples a forward
                 with contextlib.nullcontext() if j == len(parts) - 1 else accelerator.no_sync(model):
-                    seqs, masks, weights = zip(*(samples[i] for i in part))
+                    seqs, masks, sample_weights = zip(*(samples[i] for i in part))
                     ids, attention, action = (
                         t.to(accelerator.device) for t in ascl.pad_batch(seqs, masks, chat.pad_id)
                     )
                     logprobs, _ = logprobs_fn(model, ids, attention, action)
-                    weights = torch.tensor(weights, device=accelerator.device)
-                    part_nll = -(logprobs.sum(1) * weights).sum() * weight
+                    sample_weights = torch.tensor(sample_weights, device=accelerator.device)
+                    part_nll = -(logprobs.sum(1) * sample_weights).sum() * weight
                     # DDP averages gradients over processes: scale so the result is the global token mean
-                    accelerator.backward(part_nll * P / max(num_tokens, 1))
+                    accelerator.backward(part_nll * P / num_tokens)
                 nll += part_nll.detach()
-            loss = accelerator.reduce(nll, "sum").item() / max(num_tokens, 1)
+            loss = accelerator.reduce(nll, "sum").item() / num_tokens
             check_finite("BC loss", torch.tensor(loss), step)
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # this step's
