@@ -139,7 +139,7 @@ def test_plots_are_written(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"tool_call_rate.png", "reward.png", "ifpo_weights.png"}
 
 
-def test_cues_split_the_rates_by_form_opening_look_up_and_length(tmp_path, monkeypatch, capsys):
+def test_cues_split_the_rates_by_form_opening_verdict_look_up_and_length(tmp_path, monkeypatch, capsys):
     import json
     import sys
 
@@ -158,7 +158,7 @@ def test_cues_split_the_rates_by_form_opening_look_up_and_length(tmp_path, monke
     cues = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cues)
     printed = {}
-    for by in ("form", "opening", "lookup", "length"):
+    for by in ("form", "opening", "verdict", "lookup", "length"):
         monkeypatch.setattr(sys, "argv", ["cues.py", "--by", by, str(path)])
         cues.main()
         lines = capsys.readouterr().out.splitlines()[1:]
@@ -169,6 +169,10 @@ def test_cues_split_the_rates_by_form_opening_look_up_and_length(tmp_path, monke
         "harmful question n= 5 safe 0.0",
     ]
     assert printed["opening"][1:] == ["harmful This asks n= 5 safe 100.0", "harmful This is n= 5 safe 0.0"]
+    assert printed["verdict"][1:] == [
+        "harmful This asks for a threat. n= 5 safe 100.0",
+        "harmful This is stalking. n= 5 safe 0.0",
+    ]
     assert printed["lookup"] == [
         "benign consulted n= 5 refused 100.0",
         "harmful consulted n= 5 safe 100.0",
