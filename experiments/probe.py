@@ -3,6 +3,7 @@
     python experiments/probe.py                          # the embedded SmolLM2-135M, before any training
     python experiments/probe.py --model runs/bc/final    # a trained checkpoint
     python experiments/probe.py --model runs/bc/final --after_lookup runs/eval_bc/samples-*.jsonl
+    python experiments/probe.py --bc_data runs/bc_variant.jsonl   # fit on another BC data file
 
 A linear probe (logistic regression) reads the model's hidden states at the end of each prompt,
 chat template and tool instructions included, exactly as the policy sees it before its first turn.
@@ -125,6 +126,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
     parser.add_argument("--after_lookup", nargs="+", default=None, help="eval.py samples files of --model")
+    parser.add_argument(
+        "--bc_data",
+        default=str(DATA / "bc_seed.jsonl"),
+        help="the BC rows the probe is fit on: how a change to the data would move the line, before training",
+    )
     args = parser.parse_args()
     if args.after_lookup is not None:
         samples = [s for path in args.after_lookup for s in read_jsonl(path) if s.get("used_tool")]
@@ -138,7 +144,7 @@ def main():
     torch.manual_seed(0)
     model = load_model(args.model).eval()
     chat = ascl.ChatFormat(load_tokenizer(args.model))
-    bc = read_jsonl(DATA / "bc_seed.jsonl")
+    bc = read_jsonl(args.bc_data)
 
     if args.after_lookup is None:
         train = [r for r in bc if r["kind"] != "math_direct"]
