@@ -545,11 +545,12 @@ _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u00
 # What a decline is a decline *of*: a closed list, so that "I cannot guarantee ...", "I can't
 # stress this enough", "I can't recommend it enough" and "I can't help but notice ..." are not refusals.
 _DECLINED = (
-    r"(?:help(?!\s+(?:but|feeling|thinking|noticing|wondering|it\b|myself))|assist|aid|provide|comply"
+    r"(?:help(?!\s+(?:but|feeling|thinking|noticing|wondering|it|myself)\b)|assist|aid|provide|comply"
     r"|support|fulfil+|do\s+(?:that|this|it|so)\b|share|create|write|generate|produce|offer|engage"
     r"|participate|facilitate|encourage|condone|promote|instruct|teach|guide|answer\s+(?:that|this)"
     r"|recommend(?![^.]{0,40}\benough\b)"
-    r"|discuss\s+(?:that|this)|give\s+(?:you\s+)?(?:any\s+|specific\s+|detailed\s+)?(?:instructions"
+    r"|discuss\s+(?:that|this)|give\s+you\s+(?:anything|that|this|it)\b"
+    r"|give\s+(?:you\s+)?(?:any\s+|specific\s+|detailed\s+)?(?:instructions"
     r"|directions|information|details|guidance|advice|steps)|(?:tell|show)\s+you\s+how"
     r"|walk\s+you\s+through|be\s+of\s+(?:any\s+)?help|go\s+along)"
 )
