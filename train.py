@@ -83,11 +83,6 @@ class Args:
     tool_penalty: float = arg(
         0.0, "reward penalty per valid tool call (the ablation IFPO replaces); 0 = the paper's Eq. 1"
     )
-    balance_labels: bool = arg(
-        False,
-        "not in the paper: scale the advantages so that a step's harmful and benign rollouts push "
-        "with the same total |A| (see label_push)",
-    )
     lr: float = arg(2e-6, "RL learning rate (paper: 1e-6), cosine schedule")
     warmup: float = arg(0.1, "share of RL steps spent warming the learning rate up")
     group_size: int = arg(4, "rollouts per prompt, |G| (paper: 8)")
@@ -406,10 +401,7 @@ def rl_step(
     used_tool = torch.tensor([t.used_tool for t in trajs])  # m_i
     tau = args.tau if args.adv == "ifpo" else 0.0
     advantages = ifpo_advantages(R, used_tool, args.group_size, tau, args.w_min, args.w_max)
-    harmful = torch.tensor([t.label == "harmful" for t in trajs])
-    push = label_push(accelerator, advantages, harmful)
-    if args.balance_labels:
-        advantages = balanced_advantages(advantages, harmful, push)
+    push = label_push(accelerator, advantages, torch.tensor([t.label == "harmful" for t in trajs]))
 
     # 4. update: clipped surrogate (ifpo.policy_loss), token mean over the global batch (DAPO)
     lr = scheduler.get_last_lr()[0]  # this step's
@@ -440,29 +432,10 @@ def label_push(accelerator, advantages: torch.Tensor, harmful: torch.Tensor) -> 
     """The step's total |A| on harmful and on benign rollouts, over every process: (2,).
 
     Both labels share the opening verdict ("This request may be harmful." / "seems fine."), so
-    whichever label pushes harder moves it for both: with more benign prompts (the 2 : 5 mix)
-    the verdict drifts to "fine", with more harmful ones to "harmful". Logged as push_harmful.
+    each label's groups push on it; push_harmful in the log is the harmful share.
     """
     push = torch.stack([advantages[harmful].abs().sum(), advantages[~harmful].abs().sum()])
     return accelerator.reduce(push.to(accelerator.device), "sum").cpu()
-
-
-def balanced_advantages(advantages: torch.Tensor, harmful: torch.Tensor, push: torch.Tensor) -> torch.Tensor:
-    """--balance_labels: scale each label's advantages so that both carry the mean of the two
-    pushes. A step in which one label has no signal (no harmful prompt, or all its groups tied)
-    is left as it is, which pulls back a drift: once the verdict leans one way, that label's
-    groups tie and the other label's push, left alone, brings it back.
-
-    >>> a = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.5, -0.5])
-    >>> harmful = torch.tensor([True, True, False, False, False, False])
-    >>> balanced_advantages(a, harmful, torch.tensor([2.0, 2.0]))  # already balanced
-    tensor([ 1.0000, -1.0000,  0.5000, -0.5000,  0.5000, -0.5000])
-    >>> balanced_advantages(a, harmful, torch.tensor([2.0, 4.0]))
-    tensor([ 1.5000, -1.5000,  0.3750, -0.3750,  0.3750, -0.3750])
-    """
-    if not (push > 0).all():
-        return advantages
-    return advantages * torch.where(harmful, push.mean() / push[0], push.mean() / push[1])
 
 
 def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:

@@ -1,6 +1,5 @@
 """train.py: behaviour-cloning samples, the RL step, GRPO vs IFPO, resume, multi-process, bad input."""
 
-import dataclasses
 import json
 import math
 import os
@@ -265,30 +264,14 @@ def test_grpo_and_ifpo_differ_only_in_advantages(tiny_model_dir, tokenizer, tmp_
     assert logs["grpo"]["loss"] != pytest.approx(logs["ifpo"]["loss"])
 
 
-def test_balanced_advantages_give_both_labels_the_same_push():
+def test_label_push_sums_each_labels_advantages(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
     a = torch.tensor([1.2, -0.4, -0.8, 0.3, -0.3, 0.0, 1.0, -1.0])
     harmful = torch.tensor([True] * 3 + [False] * 5)
-    push = train.label_push(Accelerator(cpu=True), a, harmful)
-    assert push.tolist() == pytest.approx([2.4, 2.6])
-    b = train.balanced_advantages(a, harmful, push)
-    assert b[harmful].abs().sum() == pytest.approx(2.5) and b[~harmful].abs().sum() == pytest.approx(2.5)
-    assert torch.equal(b.sign(), a.sign())  # who is pushed up or down does not change
-    no_signal = train.label_push(Accelerator(cpu=True), a * ~harmful, harmful)
-    assert torch.equal(train.balanced_advantages(a * ~harmful, harmful, no_signal), a * ~harmful)
-
-
-def test_balance_labels_changes_only_the_update(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    logs = {}
-    for balance in (False, True):
-        install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
-        args = rl_args(tiny_model_dir, tmp_path / str(balance), max_steps=1, harmful_fraction=0.5)
-        train.main(dataclasses.replace(args, balance_labels=balance))
-        logs[balance] = read_log(tmp_path / str(balance))[0]
-    push = logs[False]["push_harmful"]
-    assert 0 < push < 1 and push != pytest.approx(0.5)  # one harmful and one benign group, unequal
-    assert logs[True]["push_harmful"] == push  # logged before balancing
-    assert logs[True]["reward_mean"] == logs[False]["reward_mean"]
-    assert logs[True]["loss"] != pytest.approx(logs[False]["loss"])
+    assert train.label_push(Accelerator(cpu=True), a, harmful).tolist() == pytest.approx([2.4, 2.6])
+    install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
+    train.main(rl_args(tiny_model_dir, tmp_path, max_steps=1, harmful_fraction=0.5))
+    push = read_log(tmp_path)[0]["push_harmful"]
+    assert 0 < push < 1  # one harmful and one benign group, both with a spread of rewards
 
 
 def test_step_stats_split_the_reward_by_label():
