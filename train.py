@@ -401,7 +401,6 @@ def rl_step(
     used_tool = torch.tensor([t.used_tool for t in trajs])  # m_i
     tau = args.tau if args.adv == "ifpo" else 0.0
     advantages = ifpo_advantages(R, used_tool, args.group_size, tau, args.w_min, args.w_max)
-    push = label_push(accelerator, advantages, torch.tensor([t.label == "harmful" for t in trajs]))
 
     # 4. update: clipped surrogate (ifpo.policy_loss), token mean over the global batch (DAPO)
     lr = scheduler.get_last_lr()[0]  # this step's
@@ -416,8 +415,7 @@ def rl_step(
     fallbacks = judge.pop_fallbacks() if hasattr(judge, "pop_fallbacks") else {}
     return {
         "step": step + 1,
-        **step_stats(accelerator, trajs, rewards, weights, args.group_size),
-        "push_harmful": (push[0] / push.sum()).item(),  # nan when no group had a spread
+        **step_stats(accelerator, trajs, rewards, weights, advantages, args.group_size),
         **update,
         "lr": lr,
         "rollout_s": t1 - t0,
@@ -428,17 +426,7 @@ def rl_step(
     }
 
 
-def label_push(accelerator, advantages: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
-    """The step's total |A| on harmful and on benign rollouts, over every process: (2,).
-
-    Both labels share the opening verdict ("This request may be harmful." / "seems fine."), so
-    each label's groups push on it; push_harmful in the log is the harmful share.
-    """
-    push = torch.stack([advantages[harmful].abs().sum(), advantages[~harmful].abs().sum()])
-    return accelerator.reduce(push.to(accelerator.device), "sum").cpu()
-
-
-def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:
+def step_stats(accelerator, trajs, rewards, weights, advantages, group_size: int) -> dict:
     """Rollout figures over every process's rollouts. GRPO runs log the IFPO weights too: the
     ones IFPO would have applied."""
     R = torch.tensor([r.total for r in rewards])
@@ -446,11 +434,11 @@ def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:
     tied = (groups.amax(1) == groups.amin(1)).repeat_interleave(group_size).tolist()
     rows = [  # one row per rollout; the rows of every process are gathered at once
         (r.total, t.used_tool, t.label == "harmful", w, z, sum(t.action_mask), r.format_gate)
-        + (t.faulty_calls, t.truncated)
-        for t, r, w, z in zip(trajs, rewards, weights.tolist(), tied)
+        + (t.faulty_calls, t.truncated, abs(a))
+        for t, r, w, z, a in zip(trajs, rewards, weights.tolist(), tied, advantages.tolist())
     ]
     cols = accelerator.gather(torch.tensor(rows, dtype=torch.float, device=accelerator.device))
-    R, tool, harmful, w, zero_spread, length, fmt, faulty, trunc = cols.cpu().T
+    R, tool, harmful, w, zero_spread, length, fmt, faulty, trunc, push = cols.cpu().T
     tool, harmful = tool.bool(), harmful.bool()
     # the mean of an empty selection (no harmful prompt this step, say) is nan
     return {
@@ -465,6 +453,9 @@ def step_stats(accelerator, trajs, rewards, weights, group_size: int) -> dict:
         "ifpo_weight_tool": w[tool].mean().item(),
         "ifpo_weight_direct": w[~tool].mean().item(),
         "zero_spread_groups": zero_spread.mean().item(),
+        # the harmful rollouts' share of the total |advantage|: how hard each label's groups push
+        # on what both share, such as the opening verdict (nan when no group had a spread)
+        "push_harmful": (push[harmful].sum() / push.sum()).item(),
         "format_ok": fmt.mean().item(),
         "faulty_calls": faulty.mean().item(),
         "truncated": trunc.mean().item(),

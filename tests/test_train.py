@@ -264,16 +264,6 @@ def test_grpo_and_ifpo_differ_only_in_advantages(tiny_model_dir, tokenizer, tmp_
     assert logs["grpo"]["loss"] != pytest.approx(logs["ifpo"]["loss"])
 
 
-def test_label_push_sums_each_labels_advantages(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    a = torch.tensor([1.2, -0.4, -0.8, 0.3, -0.3, 0.0, 1.0, -1.0])
-    harmful = torch.tensor([True] * 3 + [False] * 5)
-    assert train.label_push(Accelerator(cpu=True), a, harmful).tolist() == pytest.approx([2.4, 2.6])
-    install_scripted_generation(monkeypatch, tokenizer, deterministic=True)
-    train.main(rl_args(tiny_model_dir, tmp_path, max_steps=1, harmful_fraction=0.5))
-    push = read_log(tmp_path)[0]["push_harmful"]
-    assert 0 < push < 1  # one harmful and one benign group, both with a spread of rewards
-
-
 def test_step_stats_split_the_reward_by_label():
     """reward_mean moves with how many harmful prompts a step drew; the per-label means do not."""
     from types import SimpleNamespace as NS
@@ -285,14 +275,19 @@ def test_step_stats_split_the_reward_by_label():
         for i, lab in enumerate(labels)
     ]
     rewards = [NS(total=t, format_gate=1.0) for t in totals]
-    stats = train.step_stats(Accelerator(cpu=True), trajs, rewards, torch.ones(8), group_size=4)
+    advantages = torch.tensor([0.6, 0.6, -1.8, 0.6, 0.3, -0.9, 0.3, 0.3])
+    stats = train.step_stats(Accelerator(cpu=True), trajs, rewards, torch.ones(8), advantages, group_size=4)
     assert stats["reward_harmful"] == pytest.approx(0.375)
+    assert stats["push_harmful"] == pytest.approx(3.6 / 5.4)  # the harmful share of the total |A|
     assert stats["reward_sensitive"] == pytest.approx(1.375)
     assert stats["reward_mean"] == pytest.approx(0.875)
-    only_benign = train.step_stats(Accelerator(cpu=True), trajs[4:], rewards[4:], torch.ones(4), 4)
+    only_benign = train.step_stats(
+        Accelerator(cpu=True), trajs[4:], rewards[4:], torch.ones(4), advantages[4:], 4
+    )
     assert math.isnan(only_benign["reward_harmful"]) and only_benign["reward_sensitive"] == pytest.approx(
         1.375
     )
+    assert only_benign["push_harmful"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -356,6 +351,7 @@ def test_full_pipeline_saves_a_model_that_loads_with_from_pretrained(
         "tool_rate_sensitive",
         "ifpo_weight_tool",
         "zero_spread_groups",
+        "push_harmful",
         "clip_frac",
         "approx_kl",
         "grad_norm",
